@@ -1,0 +1,140 @@
+"""Reads committed tuning logs and answers "which schedule for this kernel on this target".
+
+The logs are MetaSchedule JSON databases (database_workload.json, database_tuning_record.json) under
+tuning_logs/<target>/. They are read line by line, so a damaged line costs only its own record (with a
+warning naming file and line). A record is matched to a kernel by the structural hash of the kernel's
+tuning workload, and used as the knob decisions of its sample_categorical instructions.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+import tvm_ffi
+
+from schedules import spaces
+from schedules.knobs import Fixed, Recorder
+from schedules.targets import TargetInfo
+from te_ops.layer_norm import Kernel
+
+ROOT = Path(__file__).resolve().parent.parent
+TUNING_LOGS = ROOT / "tuning_logs"
+WORKLOADS = "database_workload.json"
+RECORDS = "database_tuning_record.json"
+TUNE_EPS = 1e-5
+TUNE_ELEMENTS = {"gpu": 1 << 25, "cpu": 1 << 18}  # past the 50 MB L2 of an H100 for the GPU
+
+
+def tune_rows(kernel: Kernel, target: TargetInfo) -> int:
+    """The M at which a kernel is tuned; the tuned schedule is then applied to symbolic M."""
+    return max(1, TUNE_ELEMENTS["gpu" if target.is_gpu else "cpu"] // kernel.hidden)
+
+
+def workload(kernel: Kernel, target: TargetInfo) -> tvm.IRModule:
+    """The IRModule MetaSchedule tunes and measures for `kernel` (M fixed to tune_rows)."""
+    return tvm.IRModule({"main": kernel.prim_func(rows=tune_rows(kernel, target), eps=TUNE_EPS)})
+
+
+def workload_hash(kernel: Kernel, target: TargetInfo) -> str:
+    return str(tvm_ffi.structural_hash(workload(kernel, target)) % (1 << 64))
+
+
+@dataclass(frozen=True)
+class Record:
+    """The best measured record of one workload: its knob decisions and mean run time."""
+
+    workload_hash: str
+    decisions: tuple[int, ...]
+    seconds: float
+    line: int
+
+
+def _json_lines(path: Path):
+    if not path.exists():
+        return
+    with path.open() as f:
+        for number, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                yield number, json.loads(text)
+            except json.JSONDecodeError as err:
+                warnings.warn(f"{path}:{number}: skipped a damaged line ({err.msg})", stacklevel=3)
+
+
+def _decisions(trace_json) -> tuple[int, ...]:
+    """The chosen candidate of each SampleCategorical in a serialized trace, in program order."""
+    insts, decisions = trace_json
+    chosen = dict((int(i), int(d)) for i, d in decisions)
+    values = []
+    for index, inst in enumerate(insts):
+        if inst[0] == "SampleCategorical":
+            candidates = inst[2][0]
+            values.append(int(candidates[chosen[index]]))
+    return tuple(values)
+
+
+def read_records(folder: Path) -> dict[str, Record]:
+    """workload hash -> its fastest valid record, from one target's tuning-log folder."""
+    hashes = {}
+    for number, entry in _json_lines(folder / WORKLOADS):
+        try:
+            hashes[len(hashes)] = str(entry[0])
+        except (TypeError, IndexError, KeyError):
+            warnings.warn(f"{folder / WORKLOADS}:{number}: skipped a malformed workload", stacklevel=2)
+            hashes[len(hashes)] = None
+    best: dict[str, Record] = {}
+    for number, entry in _json_lines(folder / RECORDS):
+        try:
+            index, (trace_json, run_secs, *_rest) = entry
+            seconds = sum(float(s) for s in run_secs) / len(run_secs)
+            record = Record(hashes[int(index)], _decisions(trace_json), seconds, number)
+        except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError):
+            warnings.warn(f"{folder / RECORDS}:{number}: skipped a malformed tuning record", stacklevel=2)
+            continue
+        if record.workload_hash and (record.workload_hash not in best or seconds < best[record.workload_hash].seconds):
+            best[record.workload_hash] = record
+    return best
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The knobs to schedule a kernel with, and where they came from ("baseline" or "tuned:<...>")."""
+
+    knobs: dict
+    source: str
+
+
+def baseline_knobs(kernel: Kernel, target: TargetInfo) -> dict:
+    recorder = Recorder()
+    sch = tvm.s_tir.Schedule(kernel.prim_func())
+    spaces.apply(sch, kernel, target, recorder)
+    return recorder.used
+
+
+def choose(kernel: Kernel, target: TargetInfo, records: dict[str, Record] | None = None) -> Choice:
+    """The tuned knobs for `kernel` when a record matches its workload, else the baseline's."""
+    if records is None:
+        records = read_records(TUNING_LOGS / target.name)
+    record = records.get(workload_hash(kernel, target)) if records else None
+    if record is None:
+        return Choice(baseline_knobs(kernel, target), "baseline")
+    recorder = Recorder()
+    spaces.apply(tvm.s_tir.Schedule(kernel.prim_func()), kernel, target, recorder)
+    if len(recorder.order) != len(record.decisions):
+        warnings.warn(f"{kernel.name}: tuned record (line {record.line}) does not fit the design space; using the baseline")
+        return Choice(recorder.used, "baseline")
+    knobs = dict(zip(recorder.order, record.decisions))
+    return Choice(knobs, f"tuned:{record.workload_hash}:line{record.line}:{record.seconds * 1e6:.1f}us")
+
+
+def scheduled(kernel: Kernel, target: TargetInfo, knobs: dict) -> tvm.tirx.PrimFunc:
+    """The symbolic-M PrimFunc of `kernel` scheduled with the given knob values."""
+    sch = tvm.s_tir.Schedule(kernel.prim_func())
+    fixed = Fixed(knobs)
+    spaces.apply(sch, kernel, target, fixed)
+    return sch.mod["main"].with_attr("global_symbol", kernel.name)

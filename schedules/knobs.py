@@ -1,0 +1,75 @@
+"""Knobs: the sampled decisions of a design space, or the same decisions fixed.
+
+A schedule function asks `knobs.pick(sch, name, candidates)` for each decision. In a design space the
+answer is a `sample_categorical` random variable that MetaSchedule samples, mutates and measures; for a
+baseline or a tuned record it is a plain int. So a baseline, a tuned record and a transfer between
+targets are all the same schedule with different decisions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from tvm import s_tir
+
+
+class Sampled:
+    """Decisions left to MetaSchedule: each knob becomes a uniform sample_categorical."""
+
+    def pick(self, sch: s_tir.Schedule, name: str, candidates: Sequence[int]):
+        candidates = [int(c) for c in candidates]
+        return sch.sample_categorical(candidates, [1.0 / len(candidates)] * len(candidates))
+
+
+UNROLL_KEY = "meta_schedule.unroll_explicit"
+
+
+def annotate_unroll(sch: s_tir.Schedule, loop, step) -> None:
+    """Auto-unroll below `loop`: a sampled step goes through MetaSchedule's unroll postproc/mutator."""
+    if isinstance(step, int):
+        sch.annotate(loop, "pragma_auto_unroll_max_step", step)
+        sch.annotate(loop, "pragma_unroll_explicit", 1)
+    else:
+        sch.annotate(sch.get_sblock("root"), UNROLL_KEY, step)
+
+
+class Fixed:
+    """Decisions given by name; a knob that is missing or not among the candidates takes the default."""
+
+    def __init__(self, values: Mapping[str, int] | None = None) -> None:
+        self.values = dict(values or {})
+        self.used: dict[str, int] = {}
+
+    def pick(self, sch: s_tir.Schedule, name: str, candidates: Sequence[int]) -> int:
+        candidates = [int(c) for c in candidates]
+        value = self.values.get(name)
+        if value not in candidates:
+            value = candidates[len(candidates) // 2] if name not in _FIRST_BY_DEFAULT else candidates[0]
+        self.used[name] = value
+        return value
+
+
+# Knobs whose safest default is the first candidate rather than the middle one.
+_FIRST_BY_DEFAULT = frozenset({"rows_per_block"})
+
+
+class Recorder(Fixed):
+    """Fixed decisions that also remember the order of the knobs, to read a tuned trace by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.order: list[str] = []
+
+    def pick(self, sch: s_tir.Schedule, name: str, candidates: Sequence[int]) -> int:
+        self.order.append(name)
+        return super().pick(sch, name, candidates)
+
+
+def decisions_of(trace: s_tir.Trace) -> list[int]:
+    """The values chosen by each sample_categorical of a trace, in program order."""
+    values = []
+    for inst in trace.insts:
+        if inst.kind.name == "SampleCategorical":
+            candidates = inst.attrs[0]
+            values.append(int(candidates[int(trace.decisions[inst])]))
+    return values

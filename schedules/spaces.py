@@ -1,0 +1,233 @@
+"""Design spaces: one schedule function per shape of work, parametrized by the target's facts.
+
+- `rowwise`: forward and forward statistics. A row (or a few rows, on threadIdx.y) per thread block,
+  the row held in registers after one 16-byte-vectorized read, warp-shuffle/shared-memory allreduces.
+- `one_pass_backward`: dx and the fp32 dgamma/dbeta partials in one kernel. Block p walks rows
+  p*R .. p*R+R-1, reads x and dy once per row, writes dx and keeps its partials in registers.
+- `partials_sum`: adds the P partials per column, coalesced across columns, in a fixed order.
+
+Each function takes `knobs` (schedules.knobs): Sampled for a MetaSchedule design space, Fixed for a
+baseline or a replayed tuned record. Python never branches on a knob's value, so a trace replays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tvm import s_tir
+from tvm.tirx import ForKind, IntImm
+
+from schedules.knobs import Fixed, annotate_unroll
+from schedules.targets import TargetInfo
+from te_ops.layer_norm import Kernel
+
+ROWS_PER_BLOCK = (1, 2, 4, 8)
+SUM_THREADS = (64, 128, 256, 512)
+UNROLL_STEPS = (0, 16, 64, 512)
+CPU_VECTOR_BYTES = 32
+
+
+def vector_width(kernel: Kernel, target: TargetInfo) -> int:
+    """Elements per vector access: 16 bytes on GPUs (32 on AVX2 CPUs), halved until it divides N."""
+    itemsize = 4 if kernel.dtype == "float32" else 2
+    width = (16 if target.is_gpu else CPU_VECTOR_BYTES) // itemsize
+    while kernel.hidden % width:
+        width //= 2
+    return width
+
+
+def thread_candidates(kernel: Kernel, target: TargetInfo, max_per_thread: int = 64) -> list[int]:
+    """threadIdx.x extents that split a row evenly into vectors, whole warps where possible.
+
+    `max_per_thread` bounds the elements each thread keeps in registers per cached tensor.
+    """
+    units = kernel.hidden // vector_width(kernel, target)
+    divisors = [d for d in range(1, min(units, target.max_threads) + 1) if units % d == 0]
+    warp_multiples = [d for d in divisors if d % target.warp == 0]
+    fitting = [d for d in (warp_multiples or divisors[-1:]) if units // d * vector_width(kernel, target) <= max_per_thread]
+    return fitting or [max(warp_multiples or divisors)]
+
+
+def parts_for(target: TargetInfo) -> int:
+    """P, the number of row chunks (and partial rows) in the backward: two waves of the GPU's SMs/CUs."""
+    return 2 * target.cores if target.is_gpu else 16
+
+
+def is_const_int(expr, value: int) -> bool:
+    return isinstance(expr, IntImm) and int(expr) == value
+
+
+def _read_index(sch: s_tir.Schedule, block, buffer_name: str) -> int:
+    reads = sch.get(block).reads
+    return next(i for i, region in enumerate(reads) if region.source.name == buffer_name)
+
+
+def _spread_row(
+    sch: s_tir.Schedule, block, threads, vec: int, vectorize: bool, gpu: bool, units: int = 2, lanes: int = 0
+) -> None:
+    """Split a block's innermost (hidden-size) loop into [serial, threads, vec] and map it to hardware."""
+    loop = sch.get_loops(block)[-1]
+    stmt = sch.get(loop)
+    if stmt.kind != ForKind.SERIAL or (units == 1 and not is_const_int(stmt.extent, 1)):
+        loop = sch.add_unit_loop(block)  # N == 1: the unit loop over the row was dropped
+    if not gpu:
+        outer, inner = sch.split(loop, [None, vec])
+        if vectorize:
+            sch.vectorize(inner)
+        return
+    outer, thread, inner = sch.split(loop, [None, threads, vec])
+    sch.bind(thread, "threadIdx.x")
+    # Unrolled so that register-cached rows are indexed with constants and stay in registers.
+    sch.unroll(outer)
+    if vectorize and lanes and vec > lanes:
+        # fp32 accumulators of a 16-bit row: CUDA has no 8-wide float vector type.
+        outer, inner = sch.split(inner, [None, lanes])
+        sch.unroll(outer)
+    if vectorize:
+        sch.vectorize(inner)
+    else:
+        sch.unroll(inner)
+
+
+def _store_row(sch: s_tir.Schedule, name: str, row, threads, vec: int, gpu: bool, units: int = 2) -> None:
+    """Compute a [rows, N] output in fp32 4-lane chunks, then store it with full-width vectors.
+
+    TVM's CUDA codegen has no 8-wide float vector, so a 16-bit row (8 elements per 16 bytes) is
+    computed into a register copy 4 lanes at a time and written back 16 bytes at a time.
+    """
+    block = sch.get_sblock(name)
+    if gpu and vec > 4:
+        write_back = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(write_back, row)
+        _spread_row(sch, block, threads, vec, vectorize=True, gpu=gpu, units=units, lanes=4)
+        _spread_row(sch, write_back, threads, vec, vectorize=True, gpu=gpu, units=units)
+    else:
+        _spread_row(sch, block, threads, vec, vectorize=True, gpu=gpu, units=units)
+
+
+def _unroll(sch: s_tir.Schedule, loop, knobs, kernel: Kernel) -> None:
+    annotate_unroll(sch, loop, knobs.pick(sch, "unroll", UNROLL_STEPS))
+
+
+def rowwise(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, knobs) -> None:
+    """forward / forward_stats: rows on blocks (and threadIdx.y), each row read once into registers."""
+    gpu = target.is_gpu
+    vec = vector_width(kernel, target)
+    outputs = (["y"] if kernel.op == "forward" else []) + ["mean", "rstd"]
+    if gpu:
+        threads = knobs.pick(sch, "threads", thread_candidates(kernel, target))
+        rows = knobs.pick(sch, "rows_per_block", ROWS_PER_BLOCK)
+        splits = [sch.split(sch.get_loops(sch.get_sblock(b))[0], [None, rows]) for b in outputs]
+        row_block = sch.merge(*[s[0] for s in splits])
+        row = sch.merge(*[s[1] for s in splits])
+        sch.bind(row_block, "blockIdx.x")
+        sch.bind(row, "threadIdx.y")
+    else:
+        threads = 1
+        row = row_block = sch.merge(*[sch.get_loops(sch.get_sblock(b))[0] for b in outputs])
+        sch.parallel(row)
+    for name in ("x_sq", "x_sum"):
+        sch.compute_at(sch.get_sblock(name), row)
+        sch.set_scope(sch.get_sblock(name), 0, "local")
+    # Every reader of x (and below, of dy and gamma) shares the cache, so no consumer_blocks: trace
+    # simplification drops the get_sblock instructions that only feed such a list.
+    x_sum = sch.get_sblock("x_sum")
+    x_cache = sch.cache_read(x_sum, _read_index(sch, x_sum, "x"), "local")
+    sch.compute_at(x_cache, row)
+    _spread_row(sch, x_cache, threads, vec, vectorize=True, gpu=gpu)
+    for name in ("x_sum", "x_sq"):
+        _spread_row(sch, sch.get_sblock(name), threads, vec, vectorize=False, gpu=gpu)
+    if kernel.op == "forward":
+        _store_row(sch, "y", row, threads, vec, gpu, units=kernel.hidden)
+    if gpu:
+        _unroll(sch, row_block, knobs, kernel)
+
+
+def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, knobs) -> None:
+    """dx + partial dgamma/dbeta in one kernel: chunk p of rows per thread block, x and dy read once."""
+    gpu = target.is_gpu
+    vec = vector_width(kernel, target)
+    threads = knobs.pick(sch, "threads", thread_candidates(kernel, target, max_per_thread=32)) if gpu else 1
+    row_nests = [sch.split(sch.get_loops(sch.get_sblock(b))[0], [kernel.parts, None]) for b in ("c1", "c2", "dx")]
+    accumulators, write_backs = [], []
+    for name in ("dgamma_part", "dbeta_part"):
+        # The original block now accumulates in registers; the returned one writes them back.
+        write_backs.append(sch.cache_write(sch.get_sblock(name), 0, "local"))
+        acc = sch.get_sblock(name)
+        p, j, r = sch.get_loops(acc)
+        sch.reorder(p, r, j)
+        row_nests.append((p, r))
+        accumulators.append(acc)
+    # compute_at cannot line these up (the partials do not consume dx), so merge the nests' loops.
+    chunk = sch.merge(*[n[0] for n in row_nests])
+    row = sch.merge(*[n[1] for n in row_nests])
+    for write_back in write_backs:
+        sch.reverse_compute_at(write_back, chunk)
+    for name in ("c1", "c2"):
+        sch.set_scope(sch.get_sblock(name), 0, "local")
+    dx = sch.get_sblock("dx")
+    caches = []
+    for buffer in ("x", "dy"):
+        cache = sch.cache_read(dx, _read_index(sch, dx, buffer), "local")
+        sch.compute_at(cache, row)
+        caches.append(cache)
+    gamma = sch.cache_read(dx, _read_index(sch, dx, "gamma"), "local")
+    sch.compute_at(gamma, chunk)
+    if gpu:
+        sch.bind(chunk, "blockIdx.x")
+    else:
+        sch.parallel(chunk)
+    for block in [gamma, *caches]:
+        _spread_row(sch, block, threads, vec, vectorize=True, gpu=gpu, units=kernel.hidden)
+    _store_row(sch, "dx", row, threads, vec, gpu, units=kernel.hidden)
+    for block in accumulators:
+        _spread_row(sch, block, threads, vec, vectorize=True, gpu=gpu, units=kernel.hidden, lanes=4)
+    for name in ("c1", "c2"):
+        _spread_row(sch, sch.get_sblock(name), threads, vec, vectorize=False, gpu=gpu)
+    for write_back in write_backs:
+        _spread_row(sch, write_back, threads, vec, vectorize=True, gpu=gpu, lanes=4)
+    # Decompose last: binding a loop of a decomposed reduction fails ("compact dataflow").
+    for acc in accumulators:
+        sch.decompose_reduction(acc, sch.get_loops(acc)[1])
+    if gpu:
+        _unroll(sch, chunk, knobs, kernel)
+
+
+def partials_sum(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, knobs) -> None:
+    """dgamma/dbeta from [P, N] partials: columns across threads (coalesced), P summed in order."""
+    gpu = target.is_gpu
+    width = knobs.pick(sch, "threads", SUM_THREADS) if gpu else vector_width(kernel, target)
+    splits = [sch.split(sch.get_loops(sch.get_sblock(b))[0], [None, width]) for b in ("dgamma", "dbeta")]
+    outer = sch.merge(*[s[0] for s in splits])
+    inner = sch.merge(*[s[1] for s in splits])
+    if gpu:
+        sch.bind(outer, "blockIdx.x")
+        sch.bind(inner, "threadIdx.x")
+    else:
+        sch.parallel(outer)
+    for name in ("dgamma_acc", "dbeta_acc"):
+        sch.compute_at(sch.get_sblock(name), inner)
+        sch.set_scope(sch.get_sblock(name), 0, "local")
+    if gpu:
+        _unroll(sch, outer, knobs, kernel)
+
+
+SPACES = {"forward": rowwise, "forward_stats": rowwise, "backward": one_pass_backward, "backward_sum": partials_sum}
+
+
+def apply(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, knobs) -> None:
+    """Schedule `kernel` in place with the design space of its op."""
+    SPACES[kernel.op](sch, kernel, target, knobs)
+
+
+def knob_names(kernel: Kernel, target: TargetInfo) -> Sequence[str]:
+    """The knobs of a kernel's design space, in the order its schedule function picks them."""
+    from schedules.knobs import Recorder
+
+    recorder = Recorder()
+    sch = s_tir.Schedule(kernel.prim_func())
+    apply(sch, kernel, target, recorder)
+    return recorder.order
+
+
+__all__ = ["Fixed", "apply", "knob_names", "parts_for", "thread_candidates", "vector_width"]

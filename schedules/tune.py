@@ -1,0 +1,81 @@
+"""The tuning driver: one MetaSchedule task per kernel, our design spaces, a resumable JSON database."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from tvm.s_tir import meta_schedule as ms
+
+from schedules import spaces
+from schedules.database import TUNING_LOGS, workload
+from schedules.knobs import Sampled
+from schedules.targets import TargetInfo
+from te_ops.layer_norm import Kernel
+
+
+def design_space(kernel: Kernel, target: TargetInfo) -> ms.space_generator.ScheduleFn:
+    """A ScheduleFn space: our schedule function with sampled knobs, no stock rules."""
+
+    def sample(sch):
+        spaces.apply(sch, kernel, target, Sampled())
+        return sch
+
+    postprocs = [ms.postproc.RewriteParallelVectorizeUnroll()]
+    if target.is_gpu:
+        postprocs.append(ms.postproc.VerifyGPUCode())
+    return ms.space_generator.ScheduleFn(
+        sample, sch_rules=[], postprocs=postprocs, mutator_probs={ms.mutator.MutateUnroll(): 1.0}
+    )
+
+
+def tune_context(kernel: Kernel, target: TargetInfo, seed: int | None = None) -> ms.TuneContext:
+    return ms.TuneContext(
+        mod=workload(kernel, target),
+        target=target.tvm_target(),
+        space_generator=design_space(kernel, target),
+        search_strategy=ms.search_strategy.EvolutionarySearch(population_size=64, init_measured_ratio=0.0),
+        task_name=kernel.name,
+        rand_state=seed if seed is not None else -1,
+        num_threads=min(os.cpu_count() or 1, 16),
+    ).clone()
+
+
+def tune(
+    kernels: list[Kernel],
+    target: TargetInfo,
+    trials_per_kernel: int,
+    log_dir: Path | None = None,
+    workers: int | None = None,
+    builder_timeout: float = 120.0,
+    runner: ms.runner.Runner | str = "local",
+    seed: int | None = None,
+) -> Path:
+    """Tune `kernels`, appending to (and resuming from) the JSON database in `log_dir`."""
+    log_dir = Path(log_dir or TUNING_LOGS / target.name)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    database = ms.database.JSONDatabase(work_dir=str(log_dir), module_equality="structural")
+    tasks = [tune_context(k, target, seed) for k in kernels]
+    per_iter = min(32, trials_per_kernel)
+    builder = ms.builder.LocalBuilder(max_workers=workers, timeout_sec=builder_timeout)
+    if runner == "local":
+        runner = ms.runner.LocalRunner(
+            evaluator_config=ms.runner.EvaluatorConfig(number=5, repeat=3, min_repeat_ms=50, enable_cpu_cache_flush=False)
+        )
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.INFO)
+    ms.tune_tasks(
+        tasks=tasks,
+        task_weights=[1.0] * len(tasks),
+        work_dir=str(log_dir / "work"),
+        max_trials_global=trials_per_kernel * len(tasks),
+        max_trials_per_task=trials_per_kernel,
+        num_trials_per_iter=per_iter,
+        builder=builder,
+        runner=runner,
+        database=database,
+        cost_model="xgb",
+        measure_callbacks="default",
+        task_scheduler="round-robin",
+    )
+    return log_dir

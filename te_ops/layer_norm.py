@@ -1,0 +1,183 @@
+"""LayerNorm forward, forward statistics and backward as TE compute definitions.
+
+Every kernel takes a symbolic row count M (int64, so index arithmetic is safe past 2**31 elements)
+and a fixed hidden size N. x, dy, gamma, beta, y and dx carry the user's dtype; mean, rstd and every
+accumulation are float32. The backward is one pass over x and dy: a kernel that writes dx and fp32
+partial sums of dgamma/dbeta per chunk of rows ([P, N] buffers), and a small kernel that adds the P
+partials up, so the column reduction spreads over the whole GPU without atomics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import te, tirx
+
+ACC = "float32"
+DTYPES = ("float32", "float16", "bfloat16")
+OPS = ("forward", "forward_stats", "backward", "backward_sum")
+
+
+def _rows(rows: int | None) -> tirx.PrimExpr:
+    return tirx.Var("M", "int64") if rows is None else tirx.IntImm("int64", rows)
+
+
+def _f32(value: tirx.PrimExpr) -> tirx.PrimExpr:
+    return value if value.dtype == ACC else value.astype(ACC)
+
+
+def _row_moments(x: te.Tensor, n: int) -> tuple[te.Tensor, te.Tensor]:
+    """Row sums of x and of (x - mean)**2: two passes, so 1e4 +- 1 data keeps its variance."""
+    rows = x.shape[0]
+    k1 = te.reduce_axis((0, n), "k1")
+    x_sum = te.compute((rows,), lambda i: te.sum(_f32(x[i, k1]), axis=k1), name="x_sum")
+    k2 = te.reduce_axis((0, n), "k2")
+
+    def centred_square(i, k):
+        d = _f32(x[i, k]) - x_sum[i] * (1.0 / n)
+        return d * d
+
+    x_sq = te.compute((rows,), lambda i: te.sum(centred_square(i, k2), axis=k2), name="x_sq")
+    return x_sum, x_sq
+
+
+def _mean_rstd(x_sum: te.Tensor, x_sq: te.Tensor, n: int, eps: tirx.Var):
+    rows = x_sum.shape[0]
+    mean = te.compute((rows,), lambda i: x_sum[i] * (1.0 / n), name="mean")
+    rstd = te.compute((rows,), lambda i: tirx.rsqrt(x_sq[i] * (1.0 / n) + eps), name="rstd")
+    return mean, rstd
+
+
+def forward_stats(n: int, dtype: str, rows: int | None = None):
+    """mean, rstd of each row of x[M, N]; eps is a runtime float32 argument."""
+    x = te.placeholder((_rows(rows), n), dtype, "x")
+    eps = tirx.Var("eps", ACC)
+    x_sum, x_sq = _row_moments(x, n)
+    mean, rstd = _mean_rstd(x_sum, x_sq, n, eps)
+    return [x, eps, mean, rstd]
+
+
+def forward(n: int, dtype: str, rows: int | None = None):
+    """y = (x - mean) * rstd * gamma + beta, plus mean and rstd."""
+    x = te.placeholder((_rows(rows), n), dtype, "x")
+    gamma = te.placeholder((n,), dtype, "gamma")
+    beta = te.placeholder((n,), dtype, "beta")
+    eps = tirx.Var("eps", ACC)
+    x_sum, x_sq = _row_moments(x, n)
+    mean, rstd = _mean_rstd(x_sum, x_sq, n, eps)
+
+    def normalized(i, j):
+        # From the row sums rather than mean/rstd: those are outputs in global memory, these stay on chip.
+        r = tirx.rsqrt(x_sq[i] * (1.0 / n) + eps)
+        xhat = (_f32(x[i, j]) - x_sum[i] * (1.0 / n)) * r
+        return (xhat * _f32(gamma[j]) + _f32(beta[j])).astype(dtype)
+
+    y = te.compute(x.shape, normalized, name="y")
+    return [x, gamma, beta, eps, y, mean, rstd]
+
+
+def backward(n: int, dtype: str, parts: int, rows: int | None = None):
+    """dx and fp32 partial dgamma/dbeta over `parts` contiguous chunks of rows, in one pass.
+
+    Chunk p covers rows p*R .. p*R+R-1 with R = ceil(M / parts); rows past M add zero. The mask sits
+    inside the summand because te.create_prim_func drops te.sum(where=...).
+    """
+    rows = _rows(rows)
+    dy = te.placeholder((rows, n), dtype, "dy")
+    x = te.placeholder((rows, n), dtype, "x")
+    mean = te.placeholder((rows,), ACC, "mean")
+    rstd = te.placeholder((rows,), ACC, "rstd")
+    gamma = te.placeholder((n,), dtype, "gamma")
+
+    def xhat(i, j):
+        return (_f32(x[i, j]) - mean[i]) * rstd[i]
+
+    def dyg(i, j):
+        return _f32(dy[i, j]) * _f32(gamma[j])
+
+    k1 = te.reduce_axis((0, n), "k1")
+    c1 = te.compute((rows,), lambda i: te.sum(dyg(i, k1) * xhat(i, k1), axis=k1), name="c1")
+    k2 = te.reduce_axis((0, n), "k2")
+    c2 = te.compute((rows,), lambda i: te.sum(dyg(i, k2), axis=k2), name="c2")
+
+    def grad_x(i, j):
+        inner = dyg(i, j) - xhat(i, j) * (c1[i] * (1.0 / n)) - c2[i] * (1.0 / n)
+        return (rstd[i] * inner).astype(dtype)
+
+    dx = te.compute((rows, n), grad_x, name="dx")
+
+    chunk = (rows + parts - 1) // parts
+    r1 = te.reduce_axis((0, chunk), "r1")
+    r2 = te.reduce_axis((0, chunk), "r2")
+
+    def masked(p, r, value):
+        row = p * chunk + r
+        return tirx.if_then_else(row < rows, value(row), tirx.const(0.0, ACC))
+
+    dgamma_part = te.compute(
+        (parts, n),
+        lambda p, j: te.sum(masked(p, r1, lambda i: _f32(dy[i, j]) * xhat(i, j)), axis=r1),
+        name="dgamma_part",
+    )
+    dbeta_part = te.compute(
+        (parts, n), lambda p, j: te.sum(masked(p, r2, lambda i: _f32(dy[i, j])), axis=r2), name="dbeta_part"
+    )
+    return [dy, x, mean, rstd, gamma, dx, dgamma_part, dbeta_part]
+
+
+def backward_sum(n: int, dtype: str, parts: int, rows: int | None = None):
+    """dgamma, dbeta (gamma's dtype) from the [parts, N] fp32 partials, summed in a fixed order."""
+    dgamma_part = te.placeholder((parts, n), ACC, "dgamma_part")
+    dbeta_part = te.placeholder((parts, n), ACC, "dbeta_part")
+    p1 = te.reduce_axis((0, parts), "p1")
+    p2 = te.reduce_axis((0, parts), "p2")
+    dgamma_acc = te.compute((n,), lambda j: te.sum(dgamma_part[p1, j], axis=p1), name="dgamma_acc")
+    dbeta_acc = te.compute((n,), lambda j: te.sum(dbeta_part[p2, j], axis=p2), name="dbeta_acc")
+    dgamma = te.compute((n,), lambda j: dgamma_acc[j].astype(dtype), name="dgamma")
+    dbeta = te.compute((n,), lambda j: dbeta_acc[j].astype(dtype), name="dbeta")
+    return [dgamma_part, dbeta_part, dgamma, dbeta]
+
+
+_BUILDERS = {"forward": forward, "forward_stats": forward_stats, "backward": backward, "backward_sum": backward_sum}
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One compiled function: which op, for which hidden size and dtype (and partial count P)."""
+
+    op: str
+    hidden: int
+    dtype: str
+    parts: int = 0
+
+    def __post_init__(self) -> None:
+        if self.op not in _BUILDERS:
+            raise ValueError(f"op must be one of {OPS}, got {self.op!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.hidden < 1:
+            raise ValueError(f"hidden must be >= 1, got {self.hidden}")
+        if self.op.startswith("backward") and self.parts < 1:
+            raise ValueError(f"{self.op} needs parts >= 1, got {self.parts}")
+
+    @property
+    def name(self) -> str:
+        suffix = f"_p{self.parts}" if self.op.startswith("backward") else ""
+        return f"lntune_{self.op}_{self.dtype}_n{self.hidden}{suffix}"
+
+    def tensors(self, rows: int | None = None):
+        """TE tensors of the kernel's arguments; `rows` fixes M, None keeps it symbolic."""
+        shape = (self.hidden, self.dtype, self.parts) if self.op.startswith("backward") else (self.hidden, self.dtype)
+        return _BUILDERS[self.op](*shape, rows=rows)
+
+    def prim_func(self, rows: int | None = None, eps: float | None = None) -> tirx.PrimFunc:
+        """The unscheduled PrimFunc; export builds it with symbolic M and a runtime eps.
+
+        Tuning measures it with M fixed to `rows` and eps bound to a constant (MetaSchedule's runner
+        passes tensors only); the schedule is the same either way.
+        """
+        func = te.create_prim_func(self.tensors(rows)).with_attr("global_symbol", self.name)
+        scalars = [p for p in func.params if p.name == "eps"]
+        if eps is not None and scalars:
+            func = func.specialize({scalars[0]: tirx.FloatImm(ACC, eps)})
+        return func
