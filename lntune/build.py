@@ -16,7 +16,7 @@ import tvm
 from lntune import __version__, toolchain
 from schedules import database, spaces
 from schedules.targets import TargetInfo, get_target
-from te_ops import DTYPES, Kernel
+from te_ops.layer_norm import DTYPES, Kernel
 
 LIBRARY = "lntune.so"
 MANIFEST = "manifest.json"
@@ -24,7 +24,7 @@ MANIFEST = "manifest.json"
 
 def kernels_for(hidden: int, dtype: str, target: TargetInfo) -> list[Kernel]:
     """The four kernels of one (hidden, dtype) variant."""
-    parts = spaces.parts_for(target)
+    parts = spaces.parts_for(target, hidden, dtype)
     return [
         Kernel("forward", hidden, dtype),
         Kernel("forward_stats", hidden, dtype),
@@ -79,7 +79,6 @@ def export(target_name: str, hidden: Iterable[int], dtypes: Iterable[str], out_d
         "target_spec": target.spec,
         "device": target.family,
         "device_code": device_code_kind(target),
-        "parts": spaces.parts_for(target),
         "variants": variants,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")

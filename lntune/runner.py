@@ -82,11 +82,11 @@ class Library:
         self.directory = directory
         self.manifest = json.loads((directory / MANIFEST).read_text())
         self.family = self.manifest["device"]
-        self.parts = int(self.manifest["parts"])
         _register_device_backend(self.family)
         self.module = tvm.runtime.load_module(str(directory / LIBRARY))
         self.device = {"cpu": tvm.cpu, "cuda": tvm.cuda, "rocm": tvm.rocm}[self.family](0)
         self.functions = {(v["op"], v["hidden"], v["dtype"]): v["function"] for v in self.manifest["variants"]}
+        self.parts = {(v["hidden"], v["dtype"]): v["parts"] for v in self.manifest["variants"] if v["op"] == "backward"}
         self.variants = sorted({(h, d) for (_, h, d) in self.functions})
         self._cache: dict[str, Any] = {}
 
@@ -147,6 +147,10 @@ class Library:
     def _back(self, kind: _Kind, value: Any):
         return value.numpy() if kind.is_numpy else value
 
+    def kernel(self, op: str, hidden: int, dtype: str):
+        """The raw compiled function of one kernel (arguments as in te_ops, outputs last)."""
+        return self._function(op, hidden, dtype)
+
     def _function(self, op: str, hidden: int, dtype: str):
         name = self.functions[(op, hidden, dtype)]
         if name not in self._cache:
@@ -195,12 +199,13 @@ class Library:
         dgamma = self._empty(kind, dy, (hidden,), info.dtype)
         dbeta = self._empty(kind, dy, (hidden,), info.dtype)
         # Partials live on the device whatever the caller's kind; rows == 0 still sums P zero rows.
-        parts = [tvm.runtime.empty((self.parts, hidden), STATS_DTYPE, self.device) for _ in range(2)]
+        count = self.parts[(hidden, info.dtype)]
+        parts = [tvm.runtime.empty((count, hidden), STATS_DTYPE, self.device) for _ in range(2)]
         args = [self._to_device(kind, a) for a in (dy, x, mean, rstd, gamma)]
         if rows:
             self._function("backward", hidden, info.dtype)(*args, dx, *parts)
         else:
-            zeros = np.zeros((self.parts, hidden), STATS_DTYPE)
+            zeros = np.zeros((count, hidden), STATS_DTYPE)
             for p in parts:
                 p.copyfrom(zeros)
         self._function("backward_sum", hidden, info.dtype)(*parts, dgamma, dbeta)

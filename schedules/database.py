@@ -110,10 +110,10 @@ class Choice:
 
 
 def baseline_knobs(kernel: Kernel, target: TargetInfo) -> dict:
-    recorder = Recorder()
-    sch = tvm.s_tir.Schedule(kernel.prim_func())
-    spaces.apply(sch, kernel, target, recorder)
-    return recorder.used
+    """The rule-chosen knobs (spaces.default_knobs), completed and validated by one dry run."""
+    fixed = Fixed(spaces.default_knobs(kernel, target))
+    spaces.apply(tvm.s_tir.Schedule(kernel.prim_func()), kernel, target, fixed)
+    return fixed.used
 
 
 def choose(kernel: Kernel, target: TargetInfo, records: dict[str, Record] | None = None) -> Choice:
@@ -123,13 +123,34 @@ def choose(kernel: Kernel, target: TargetInfo, records: dict[str, Record] | None
     record = records.get(workload_hash(kernel, target)) if records else None
     if record is None:
         return Choice(baseline_knobs(kernel, target), "baseline")
-    recorder = Recorder()
-    spaces.apply(tvm.s_tir.Schedule(kernel.prim_func()), kernel, target, recorder)
-    if len(recorder.order) != len(record.decisions):
+    knobs = _knobs_of(kernel, target, record.decisions)
+    if knobs is None:
         warnings.warn(f"{kernel.name}: tuned record (line {record.line}) does not fit the design space; using the baseline")
-        return Choice(recorder.used, "baseline")
-    knobs = dict(zip(recorder.order, record.decisions))
+        return Choice(baseline_knobs(kernel, target), "baseline")
     return Choice(knobs, f"tuned:{record.workload_hash}:line{record.line}:{record.seconds * 1e6:.1f}us")
+
+
+def _knobs_of(kernel: Kernel, target: TargetInfo, decisions: tuple[int, ...]) -> dict | None:
+    """Name a record's decisions by replaying the space with them; None when they do not fit."""
+    recorder = Recorder()
+    recorder.values = {}
+    values = iter(decisions)
+
+    class Replay(Recorder):
+        def pick(self, sch, name, candidates):
+            self.values[name] = next(values, None)
+            return super().pick(sch, name, candidates)
+
+    replay = Replay()
+    try:
+        spaces.apply(tvm.s_tir.Schedule(kernel.prim_func()), kernel, target, replay)
+    except Exception:  # noqa: BLE001 (a record from another version of the space)
+        return None
+    if next(values, None) is not None or len(replay.order) != len(decisions):
+        return None
+    if any(replay.values[n] != replay.used[n] for n in replay.order):
+        return None
+    return replay.used
 
 
 def scheduled(kernel: Kernel, target: TargetInfo, knobs: dict) -> tvm.tirx.PrimFunc:

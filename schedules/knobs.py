@@ -14,11 +14,24 @@ from tvm import s_tir
 
 
 class Sampled:
-    """Decisions left to MetaSchedule: each knob becomes a uniform sample_categorical."""
+    """Decisions left to MetaSchedule: each knob becomes a uniform sample_categorical.
+
+    Structural knobs (which stages exist) cannot be sampled inside one trace, since Python branches on
+    them; a design space instead holds one schedule per structure, and each records its structure as
+    a one-candidate sample so that a tuned trace still says which structure it is.
+    """
+
+    def __init__(self, structure: Mapping[str, int] | None = None) -> None:
+        self.structure = dict(structure or {})
 
     def pick(self, sch: s_tir.Schedule, name: str, candidates: Sequence[int]):
         candidates = [int(c) for c in candidates]
         return sch.sample_categorical(candidates, [1.0 / len(candidates)] * len(candidates))
+
+    def structural(self, sch: s_tir.Schedule, name: str, candidates: Sequence[int]) -> int:
+        value = int(self.structure.get(name, candidates[0]))
+        sch.sample_categorical([value], [1.0])
+        return value
 
 
 UNROLL_KEY = "meta_schedule.unroll_explicit"
@@ -44,13 +57,12 @@ class Fixed:
         candidates = [int(c) for c in candidates]
         value = self.values.get(name)
         if value not in candidates:
-            value = candidates[len(candidates) // 2] if name not in _FIRST_BY_DEFAULT else candidates[0]
+            value = candidates[len(candidates) // 2]
         self.used[name] = value
         return value
 
-
-# Knobs whose safest default is the first candidate rather than the middle one.
-_FIRST_BY_DEFAULT = frozenset({"rows_per_block"})
+    def structural(self, sch: s_tir.Schedule, name: str, candidates: Sequence[int]) -> int:
+        return self.pick(sch, name, candidates)
 
 
 class Recorder(Fixed):
@@ -63,6 +75,9 @@ class Recorder(Fixed):
     def pick(self, sch: s_tir.Schedule, name: str, candidates: Sequence[int]) -> int:
         self.order.append(name)
         return super().pick(sch, name, candidates)
+
+    def structural(self, sch: s_tir.Schedule, name: str, candidates: Sequence[int]) -> int:
+        return self.pick(sch, name, candidates)
 
 
 def decisions_of(trace: s_tir.Trace) -> list[int]:

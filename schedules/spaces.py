@@ -48,9 +48,18 @@ def thread_candidates(kernel: Kernel, target: TargetInfo, max_per_thread: int = 
     return fitting or [max(warp_multiples or divisors)]
 
 
-def parts_for(target: TargetInfo) -> int:
-    """P, the number of row chunks (and partial rows) in the backward: two waves of the GPU's SMs/CUs."""
-    return 2 * target.cores if target.is_gpu else 16
+def parts_for(target: TargetInfo, hidden: int, dtype: str) -> int:
+    """P, the number of row chunks (and partial rows) in the backward, a multiple of the SM/CU count.
+
+    Short rows give a block little to do per row, so more chunks keep more rows in flight; long rows
+    have parallelism within the row, and fewer chunks keep the [P, N] partials (written once per
+    chunk and re-read by the sum) small against the rows themselves.
+    """
+    if not target.is_gpu:
+        return 16
+    row_bytes = hidden * (4 if dtype == "float32" else 2)
+    waves = 8 if row_bytes <= 2048 else 4 if row_bytes <= 8192 else 2
+    return waves * target.cores
 
 
 def is_const_int(expr, value: int) -> bool:
@@ -63,9 +72,16 @@ def _read_index(sch: s_tir.Schedule, block, buffer_name: str) -> int:
 
 
 def _spread_row(
-    sch: s_tir.Schedule, block, threads, vec: int, vectorize: bool, gpu: bool, units: int = 2, lanes: int = 0
+    sch: s_tir.Schedule, block, threads, vec: int, vectorize: bool, gpu: bool, units: int = 2, lanes: int = 0,
+    chunked: int = 0,
 ) -> None:
-    """Split a block's innermost (hidden-size) loop into [serial, threads, vec] and map it to hardware."""
+    """Split a block's innermost (hidden-size) loop over threads and vector lanes.
+
+    Interleaved, [serial, threads, vec]: a warp's vector accesses are contiguous. Chunked,
+    [threads, serial, vec]: each thread owns one contiguous piece of the row, so a register cache
+    compacts to exactly that piece (interleaved, TVM sizes it by the row's span, and large rows then
+    end up in local memory).
+    """
     loop = sch.get_loops(block)[-1]
     stmt = sch.get(loop)
     if stmt.kind != ForKind.SERIAL or (units == 1 and not is_const_int(stmt.extent, 1)):
@@ -75,7 +91,10 @@ def _spread_row(
         if vectorize:
             sch.vectorize(inner)
         return
-    outer, thread, inner = sch.split(loop, [None, threads, vec])
+    if chunked:
+        thread, outer, inner = sch.split(loop, [threads, None, vec])
+    else:
+        outer, thread, inner = sch.split(loop, [None, threads, vec])
     sch.bind(thread, "threadIdx.x")
     # Unrolled so that register-cached rows are indexed with constants and stay in registers.
     sch.unroll(outer)
@@ -89,7 +108,9 @@ def _spread_row(
         sch.unroll(inner)
 
 
-def _store_row(sch: s_tir.Schedule, name: str, row, threads, vec: int, gpu: bool, units: int = 2) -> None:
+def _store_row(
+    sch: s_tir.Schedule, name: str, row, threads, vec: int, gpu: bool, units: int = 2, chunked: int = 0
+) -> None:
     """Compute a [rows, N] output in fp32 4-lane chunks, then store it with full-width vectors.
 
     TVM's CUDA codegen has no 8-wide float vector, so a 16-bit row (8 elements per 16 bytes) is
@@ -99,10 +120,10 @@ def _store_row(sch: s_tir.Schedule, name: str, row, threads, vec: int, gpu: bool
     if gpu and vec > 4:
         write_back = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(write_back, row)
-        _spread_row(sch, block, threads, vec, vectorize=True, gpu=gpu, units=units, lanes=4)
-        _spread_row(sch, write_back, threads, vec, vectorize=True, gpu=gpu, units=units)
+        _spread_row(sch, block, threads, vec, vectorize=True, gpu=gpu, units=units, lanes=4, chunked=chunked)
+        _spread_row(sch, write_back, threads, vec, vectorize=True, gpu=gpu, units=units, chunked=chunked)
     else:
-        _spread_row(sch, block, threads, vec, vectorize=True, gpu=gpu, units=units)
+        _spread_row(sch, block, threads, vec, vectorize=True, gpu=gpu, units=units, chunked=chunked)
 
 
 def _unroll(sch: s_tir.Schedule, loop, knobs, kernel: Kernel) -> None:
@@ -144,10 +165,21 @@ def rowwise(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, knobs) -> N
 
 
 def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, knobs) -> None:
-    """dx + partial dgamma/dbeta in one kernel: chunk p of rows per thread block, x and dy read once."""
+    """dx + partial dgamma/dbeta in one kernel: chunk p of rows per thread block, x and dy read once.
+
+    Structures: `cache_rows` keeps each row of x and dy in registers between the row reductions and
+    dx (one DRAM read); without it the second use re-reads them (from L1/L2), which frees registers
+    for the partial accumulators at large N. `cache_gamma` keeps this thread's slice of gamma in
+    registers for the whole chunk.
+    """
     gpu = target.is_gpu
     vec = vector_width(kernel, target)
-    threads = knobs.pick(sch, "threads", thread_candidates(kernel, target, max_per_thread=32)) if gpu else 1
+    cache_rows = knobs.structural(sch, "cache_rows", (1, 0))
+    cache_gamma = knobs.structural(sch, "cache_gamma", (1, 0))
+    chunked = knobs.structural(sch, "chunked", (0, 1))
+    threads = 1
+    if gpu:
+        threads = knobs.pick(sch, "threads", thread_candidates(kernel, target, max_per_thread=32 if cache_rows else 64))
     row_nests = [sch.split(sch.get_loops(sch.get_sblock(b))[0], [kernel.parts, None]) for b in ("c1", "c2", "dx")]
     accumulators, write_backs = [], []
     for name in ("dgamma_part", "dbeta_part"):
@@ -167,25 +199,30 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
         sch.set_scope(sch.get_sblock(name), 0, "local")
     dx = sch.get_sblock("dx")
     caches = []
-    for buffer in ("x", "dy"):
+    # Every reader of x, dy and gamma shares its cache, so no consumer_blocks: trace simplification
+    # drops the get_sblock instructions that only feed such a list.
+    for buffer in ("x", "dy") if cache_rows else ():
         cache = sch.cache_read(dx, _read_index(sch, dx, buffer), "local")
         sch.compute_at(cache, row)
         caches.append(cache)
-    gamma = sch.cache_read(dx, _read_index(sch, dx, "gamma"), "local")
-    sch.compute_at(gamma, chunk)
+    if cache_gamma:
+        gamma = sch.cache_read(dx, _read_index(sch, dx, "gamma"), "local")
+        sch.compute_at(gamma, chunk)
+        caches.append(gamma)
     if gpu:
         sch.bind(chunk, "blockIdx.x")
     else:
         sch.parallel(chunk)
-    for block in [gamma, *caches]:
-        _spread_row(sch, block, threads, vec, vectorize=True, gpu=gpu, units=kernel.hidden)
-    _store_row(sch, "dx", row, threads, vec, gpu, units=kernel.hidden)
+    spread = dict(gpu=gpu, units=kernel.hidden, chunked=chunked)
+    for block in caches:
+        _spread_row(sch, block, threads, vec, vectorize=True, **spread)
+    _store_row(sch, "dx", row, threads, vec, **spread)
     for block in accumulators:
-        _spread_row(sch, block, threads, vec, vectorize=True, gpu=gpu, units=kernel.hidden, lanes=4)
+        _spread_row(sch, block, threads, vec, vectorize=True, lanes=4, **spread)
     for name in ("c1", "c2"):
-        _spread_row(sch, sch.get_sblock(name), threads, vec, vectorize=False, gpu=gpu)
+        _spread_row(sch, sch.get_sblock(name), threads, vec, vectorize=False, **spread)
     for write_back in write_backs:
-        _spread_row(sch, write_back, threads, vec, vectorize=True, gpu=gpu, lanes=4)
+        _spread_row(sch, write_back, threads, vec, vectorize=True, lanes=4, **spread)
     # Decompose last: binding a loop of a decomposed reduction fails ("compact dataflow").
     for acc in accumulators:
         sch.decompose_reduction(acc, sch.get_loops(acc)[1])
@@ -218,6 +255,33 @@ SPACES = {"forward": rowwise, "forward_stats": rowwise, "backward": one_pass_bac
 def apply(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, knobs) -> None:
     """Schedule `kernel` in place with the design space of its op."""
     SPACES[kernel.op](sch, kernel, target, knobs)
+
+
+def structures(kernel: Kernel, target: TargetInfo) -> list[dict[str, int]]:
+    """The structural variants of a kernel's design space (one MetaSchedule design space each)."""
+    if kernel.op == "backward" and target.is_gpu:
+        return [{"cache_rows": r, "cache_gamma": g, "chunked": c} for r in (1, 0) for g in (1, 0) for c in (0, 1)]
+    return [{}]
+
+
+def default_knobs(kernel: Kernel, target: TargetInfo) -> dict[str, int]:
+    """The baseline: knob values chosen by rule (a few vectors per thread, registers within budget)."""
+    if not target.is_gpu:
+        return {"cache_rows": 1, "cache_gamma": 1}
+    if kernel.op == "backward_sum":
+        return {"threads": 256, "unroll": 64}
+    if kernel.op in ("forward", "forward_stats"):
+        cands = thread_candidates(kernel, target)
+        vec = vector_width(kernel, target)
+        threads = min(cands, key=lambda t: (abs(kernel.hidden / t / vec - 2), t))
+        rows = max(1, min(ROWS_PER_BLOCK[-1], 128 // threads))
+        return {"threads": threads, "rows_per_block": rows, "unroll": 64}
+    # Rows past 16 KB: gamma stays in L1 instead of registers, and each thread owns a contiguous
+    # piece of the row (see _spread_row) so that the register caches stay registers.
+    long_row = kernel.hidden * (4 if kernel.dtype == "float32" else 2) > 16384
+    cands = thread_candidates(kernel, target, max_per_thread=32)
+    threads = min(cands, key=lambda t: (abs(kernel.hidden / t - 16), -t))
+    return {"cache_rows": 1, "cache_gamma": int(not long_row), "chunked": int(long_row), "threads": threads, "unroll": 64}
 
 
 def knob_names(kernel: Kernel, target: TargetInfo) -> Sequence[str]:

@@ -19,8 +19,13 @@ def design_space(kernel: Kernel, target: TargetInfo) -> ms.space_generator.Sched
     """A ScheduleFn space: our schedule function with sampled knobs, no stock rules."""
 
     def sample(sch):
-        spaces.apply(sch, kernel, target, Sampled())
-        return sch
+        designs = []
+        for structure in spaces.structures(kernel, target):
+            design = sch.copy()
+            design.seed(sch.fork_seed())
+            spaces.apply(design, kernel, target, Sampled(structure))
+            designs.append(design)
+        return designs
 
     postprocs = [ms.postproc.RewriteParallelVectorizeUnroll()]
     if target.is_gpu:
@@ -79,3 +84,32 @@ def tune(
         task_scheduler="round-robin",
     )
     return log_dir
+
+
+def kernel_bytes(kernel: Kernel, rows: int) -> int:
+    """The fewest bytes a kernel must move at M = rows (what its effective bandwidth counts)."""
+    item = 4 if kernel.dtype == "float32" else 2
+    n = kernel.hidden
+    return {
+        "forward": 2 * rows * n * item + 8 * rows,
+        "forward_stats": rows * n * item + 8 * rows,
+        "backward": 3 * rows * n * item + 8 * rows + 8 * kernel.parts * n,
+        "backward_sum": 8 * kernel.parts * n + 2 * n * item,
+    }[kernel.op]
+
+
+def summarize(kernels: list[Kernel], target: TargetInfo, log_dir: Path) -> str:
+    """A table of each kernel's best measured time in the database and its effective bandwidth."""
+    from schedules.database import choose, read_records, tune_rows, workload_hash
+
+    records = read_records(Path(log_dir))
+    lines = [f"{'kernel':<44} {'M':>8} {'best us':>9} {'GB/s':>7}  knobs"]
+    for k in kernels:
+        record = records.get(workload_hash(k, target))
+        rows = tune_rows(k, target)
+        if record is None:
+            lines.append(f"{k.name:<44} {rows:>8} {'-':>9} {'-':>7}  (no valid record)")
+            continue
+        gbps = kernel_bytes(k, rows) / record.seconds / 1e9
+        lines.append(f"{k.name:<44} {rows:>8} {record.seconds * 1e6:>9.1f} {gbps:>7.0f}  {choose(k, target, records).knobs}")
+    return "\n".join(lines)

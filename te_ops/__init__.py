@@ -1,5 +1,2 @@
-"""The LayerNorm math, once: TE compute definitions and their float64 numpy references."""
-
-from te_ops.layer_norm import DTYPES, OPS, Kernel
-
-__all__ = ["DTYPES", "OPS", "Kernel"]
+"""The LayerNorm math, once: TE compute definitions (te_ops.layer_norm) and float64 numpy references
+(te_ops.reference). The references import only numpy, so runtime-only users can check against them."""

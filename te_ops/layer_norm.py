@@ -22,6 +22,11 @@ def _rows(rows: int | None) -> tirx.PrimExpr:
     return tirx.Var("M", "int64") if rows is None else tirx.IntImm("int64", rows)
 
 
+def _dim(extent: int) -> tirx.IntImm:
+    """Extents in int64 like M, so every index expression has one integer type."""
+    return tirx.IntImm("int64", extent)
+
+
 def _f32(value: tirx.PrimExpr) -> tirx.PrimExpr:
     return value if value.dtype == ACC else value.astype(ACC)
 
@@ -29,9 +34,9 @@ def _f32(value: tirx.PrimExpr) -> tirx.PrimExpr:
 def _row_moments(x: te.Tensor, n: int) -> tuple[te.Tensor, te.Tensor]:
     """Row sums of x and of (x - mean)**2: two passes, so 1e4 +- 1 data keeps its variance."""
     rows = x.shape[0]
-    k1 = te.reduce_axis((0, n), "k1")
+    k1 = te.reduce_axis((0, _dim(n)), "k1")
     x_sum = te.compute((rows,), lambda i: te.sum(_f32(x[i, k1]), axis=k1), name="x_sum")
-    k2 = te.reduce_axis((0, n), "k2")
+    k2 = te.reduce_axis((0, _dim(n)), "k2")
 
     def centred_square(i, k):
         d = _f32(x[i, k]) - x_sum[i] * (1.0 / n)
@@ -50,7 +55,7 @@ def _mean_rstd(x_sum: te.Tensor, x_sq: te.Tensor, n: int, eps: tirx.Var):
 
 def forward_stats(n: int, dtype: str, rows: int | None = None):
     """mean, rstd of each row of x[M, N]; eps is a runtime float32 argument."""
-    x = te.placeholder((_rows(rows), n), dtype, "x")
+    x = te.placeholder((_rows(rows), _dim(n)), dtype, "x")
     eps = tirx.Var("eps", ACC)
     x_sum, x_sq = _row_moments(x, n)
     mean, rstd = _mean_rstd(x_sum, x_sq, n, eps)
@@ -59,9 +64,9 @@ def forward_stats(n: int, dtype: str, rows: int | None = None):
 
 def forward(n: int, dtype: str, rows: int | None = None):
     """y = (x - mean) * rstd * gamma + beta, plus mean and rstd."""
-    x = te.placeholder((_rows(rows), n), dtype, "x")
-    gamma = te.placeholder((n,), dtype, "gamma")
-    beta = te.placeholder((n,), dtype, "beta")
+    x = te.placeholder((_rows(rows), _dim(n)), dtype, "x")
+    gamma = te.placeholder((_dim(n),), dtype, "gamma")
+    beta = te.placeholder((_dim(n),), dtype, "beta")
     eps = tirx.Var("eps", ACC)
     x_sum, x_sq = _row_moments(x, n)
     mean, rstd = _mean_rstd(x_sum, x_sq, n, eps)
@@ -83,11 +88,11 @@ def backward(n: int, dtype: str, parts: int, rows: int | None = None):
     inside the summand because te.create_prim_func drops te.sum(where=...).
     """
     rows = _rows(rows)
-    dy = te.placeholder((rows, n), dtype, "dy")
-    x = te.placeholder((rows, n), dtype, "x")
+    dy = te.placeholder((rows, _dim(n)), dtype, "dy")
+    x = te.placeholder((rows, _dim(n)), dtype, "x")
     mean = te.placeholder((rows,), ACC, "mean")
     rstd = te.placeholder((rows,), ACC, "rstd")
-    gamma = te.placeholder((n,), dtype, "gamma")
+    gamma = te.placeholder((_dim(n),), dtype, "gamma")
 
     def xhat(i, j):
         return (_f32(x[i, j]) - mean[i]) * rstd[i]
@@ -95,16 +100,16 @@ def backward(n: int, dtype: str, parts: int, rows: int | None = None):
     def dyg(i, j):
         return _f32(dy[i, j]) * _f32(gamma[j])
 
-    k1 = te.reduce_axis((0, n), "k1")
+    k1 = te.reduce_axis((0, _dim(n)), "k1")
     c1 = te.compute((rows,), lambda i: te.sum(dyg(i, k1) * xhat(i, k1), axis=k1), name="c1")
-    k2 = te.reduce_axis((0, n), "k2")
+    k2 = te.reduce_axis((0, _dim(n)), "k2")
     c2 = te.compute((rows,), lambda i: te.sum(dyg(i, k2), axis=k2), name="c2")
 
     def grad_x(i, j):
         inner = dyg(i, j) - xhat(i, j) * (c1[i] * (1.0 / n)) - c2[i] * (1.0 / n)
         return (rstd[i] * inner).astype(dtype)
 
-    dx = te.compute((rows, n), grad_x, name="dx")
+    dx = te.compute((rows, _dim(n)), grad_x, name="dx")
 
     chunk = (rows + parts - 1) // parts
     r1 = te.reduce_axis((0, chunk), "r1")
@@ -115,26 +120,26 @@ def backward(n: int, dtype: str, parts: int, rows: int | None = None):
         return tirx.if_then_else(row < rows, value(row), tirx.const(0.0, ACC))
 
     dgamma_part = te.compute(
-        (parts, n),
+        (_dim(parts), _dim(n)),
         lambda p, j: te.sum(masked(p, r1, lambda i: _f32(dy[i, j]) * xhat(i, j)), axis=r1),
         name="dgamma_part",
     )
     dbeta_part = te.compute(
-        (parts, n), lambda p, j: te.sum(masked(p, r2, lambda i: _f32(dy[i, j])), axis=r2), name="dbeta_part"
+        (_dim(parts), _dim(n)), lambda p, j: te.sum(masked(p, r2, lambda i: _f32(dy[i, j])), axis=r2), name="dbeta_part"
     )
     return [dy, x, mean, rstd, gamma, dx, dgamma_part, dbeta_part]
 
 
 def backward_sum(n: int, dtype: str, parts: int, rows: int | None = None):
     """dgamma, dbeta (gamma's dtype) from the [parts, N] fp32 partials, summed in a fixed order."""
-    dgamma_part = te.placeholder((parts, n), ACC, "dgamma_part")
-    dbeta_part = te.placeholder((parts, n), ACC, "dbeta_part")
-    p1 = te.reduce_axis((0, parts), "p1")
-    p2 = te.reduce_axis((0, parts), "p2")
-    dgamma_acc = te.compute((n,), lambda j: te.sum(dgamma_part[p1, j], axis=p1), name="dgamma_acc")
-    dbeta_acc = te.compute((n,), lambda j: te.sum(dbeta_part[p2, j], axis=p2), name="dbeta_acc")
-    dgamma = te.compute((n,), lambda j: dgamma_acc[j].astype(dtype), name="dgamma")
-    dbeta = te.compute((n,), lambda j: dbeta_acc[j].astype(dtype), name="dbeta")
+    dgamma_part = te.placeholder((_dim(parts), _dim(n)), ACC, "dgamma_part")
+    dbeta_part = te.placeholder((_dim(parts), _dim(n)), ACC, "dbeta_part")
+    p1 = te.reduce_axis((0, _dim(parts)), "p1")
+    p2 = te.reduce_axis((0, _dim(parts)), "p2")
+    dgamma_acc = te.compute((_dim(n),), lambda j: te.sum(dgamma_part[p1, j], axis=p1), name="dgamma_acc")
+    dbeta_acc = te.compute((_dim(n),), lambda j: te.sum(dbeta_part[p2, j], axis=p2), name="dbeta_acc")
+    dgamma = te.compute((_dim(n),), lambda j: dgamma_acc[j].astype(dtype), name="dgamma")
+    dbeta = te.compute((_dim(n),), lambda j: dbeta_acc[j].astype(dtype), name="dbeta")
     return [dgamma_part, dbeta_part, dgamma, dbeta]
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from lntune.cli import main
+
+sys.exit(main())

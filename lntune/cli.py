@@ -1,0 +1,125 @@
+"""The lntune command line: thin wrappers that parse arguments, call the library, and print."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _words(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def cmd_targets(args) -> int:
+    from schedules.targets import TARGETS
+
+    for t in TARGETS.values():
+        print(f"{t.name:<12} {t.family:<5} {t.notes}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from lntune.build import export
+
+    export(args.target, args.hidden, args.dtype, args.output, logs_dir=args.tuning_logs)
+    return 0
+
+
+def cmd_check(args) -> int:
+    from lntune.check import check_library, format_table
+    from lntune.runner import load
+
+    lib = load(args.library)
+    rows = check_library(lib, args.rows, seed=args.seed)
+    print(f"{lib.manifest['target']} library {args.library} on {lib.device}:")
+    print(format_table(rows))
+    failed = [r for r in rows if not r.ok]
+    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def cmd_tune(args) -> int:
+    from lntune.build import kernels_for
+    from schedules.targets import get_target
+    from schedules.tune import tune, summarize
+
+    target = get_target(args.target)
+    kernels = [k for n in args.hidden for d in args.dtype for k in kernels_for(n, d, target) if k.op in args.ops]
+    log_dir = tune(kernels, target, args.trials, log_dir=args.log_dir, workers=args.workers,
+                   builder_timeout=args.builder_timeout)
+    print(summarize(kernels, target, log_dir))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from lntune.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def cmd_inspect(args) -> int:
+    from lntune.inspect import inspect_library
+
+    print(inspect_library(Path(args.library)))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lntune", description="Tuned LayerNorm kernels from TVM TensorExpression.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("targets", help="list the registered targets").set_defaults(func=cmd_targets)
+
+    e = sub.add_parser("export", help="compile variants into DIR/lntune.so + DIR/manifest.json")
+    e.add_argument("--target", default="llvm")
+    e.add_argument("--hidden", type=_ints, required=True, help="comma-separated hidden sizes, e.g. 768,1024")
+    e.add_argument("--dtype", type=_words, default=["float32"], help="comma-separated: float32,float16,bfloat16")
+    e.add_argument("-o", "--output", required=True, help="output directory")
+    e.add_argument("--tuning-logs", type=Path, default=None, help="tuning_logs root (default: the repo's)")
+    e.set_defaults(func=cmd_export)
+
+    c = sub.add_parser("check", help="run every kernel of a library against the float64 reference")
+    c.add_argument("library", help="export directory or its lntune.so")
+    c.add_argument("--rows", type=_ints, default=[1, 37, 1000], help="row counts M to test")
+    c.add_argument("--seed", type=int, default=None)
+    c.set_defaults(func=cmd_check)
+
+    t = sub.add_parser("tune", help="tune kernels with MetaSchedule on this machine's device")
+    t.add_argument("--target", required=True)
+    t.add_argument("--hidden", type=_ints, required=True)
+    t.add_argument("--dtype", type=_words, default=["float32"])
+    t.add_argument("--ops", type=_words, default=["forward", "forward_stats", "backward", "backward_sum"])
+    t.add_argument("--trials", type=int, default=32, help="measured trials per kernel")
+    t.add_argument("--log-dir", type=Path, default=None, help="database folder (default tuning_logs/<target>)")
+    t.add_argument("--workers", type=int, default=None, help="builder processes (default: all cores)")
+    t.add_argument("--builder-timeout", type=float, default=120.0, help="seconds per candidate build")
+    t.set_defaults(func=cmd_tune)
+
+    b = sub.add_parser("bench", help="GPU benchmark against ATen, torch.compile and Liger")
+    b.add_argument("library", help="export directory of the library to benchmark")
+    b.add_argument("--elements", type=_ints, default=[1 << 26], help="M*N per shape")
+    b.add_argument("--out", type=Path, default=Path("bench/results"))
+    b.add_argument("--peers", type=_words, default=["aten", "compile", "liger"])
+    b.set_defaults(func=cmd_bench)
+
+    i = sub.add_parser("inspect", help="per-kernel facts of a library (registers, spills, vector loads)")
+    i.add_argument("library")
+    i.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+        print(f"lntune {args.command}: error: {err}", file=sys.stderr)
+        return 2
