@@ -51,6 +51,9 @@ def cmd_tune(args) -> int:
     from schedules.targets import get_target
     from schedules.tune import tune, summarize
 
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     target = get_target(args.target)
     kernels = [k for n in args.hidden for d in args.dtype for k in kernels_for(n, d, target) if k.op in args.ops]
     log_dir = tune(kernels, target, args.trials, log_dir=args.log_dir, workers=args.workers,

@@ -40,7 +40,7 @@ def tune_context(kernel: Kernel, target: TargetInfo, seed: int | None = None) ->
         mod=workload(kernel, target),
         target=target.tvm_target(),
         space_generator=design_space(kernel, target),
-        search_strategy=ms.search_strategy.EvolutionarySearch(population_size=64, init_measured_ratio=0.0),
+        search_strategy=ms.search_strategy.EvolutionarySearch(population_size=64, init_measured_ratio=0.2),
         task_name=kernel.name,
         rand_state=seed if seed is not None else -1,
         num_threads=min(os.cpu_count() or 1, 16),
