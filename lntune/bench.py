@@ -163,8 +163,7 @@ def _reference(torch, impls: Impls) -> dict:
 BYTES_PER_ELEMENT_PASSES = {"forward": 2, "stats": 1, "backward": 3}
 
 
-def bench_variant(torch, lib, hidden: int, dtype: str, elements: int, peers, copy_gbps: float, meta) -> list[dict]:
-    rows = max(1, elements // hidden)
+def bench_variant(torch, lib, hidden: int, dtype: str, rows: int, peers, copy_gbps: float, meta) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(hidden)
     tdt = getattr(torch, dtype)
     x = (torch.randn(rows, hidden, device="cuda", generator=gen) + 3.0).to(tdt)
@@ -276,17 +275,21 @@ def main(args) -> int:
     print(f"{device}: device-to-device copy {copy_gbps:.0f} GB/s")
     results = [{**meta, "impl": "copy", "pass": "copy", "dtype": "", "hidden": "", "rows": "", "ms": "",
                 "gbps": round(copy_gbps, 1), "fraction_of_copy": 1.0, "rel_error": ""}]
-    for elements in args.elements:
-        for hidden, dtype in lib.variants:
-            print(f"N={hidden} {dtype} M={elements // hidden}", flush=True)
-            results += bench_variant(torch, lib, hidden, dtype, elements, args.peers, copy_gbps, meta)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"bench-{device.replace(' ', '_')}-{date}"
+    stem = out / f"bench-{device.replace(' ', '_')}-{date}{args.tag}"
+    variants = [(h, d) for h, d in lib.variants if (not args.hidden or h in args.hidden) and (not args.dtype or d in args.dtype)]
+    shapes = [(h, d, r) for h, d in variants for r in (args.rows or [max(1, e // h) for e in args.elements])]
     with stem.with_suffix(".csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
-        writer.writerows(results)
+        writer.writerow(results[0])
+        for hidden, dtype, rows in shapes:
+            print(f"N={hidden} {dtype} M={rows}", flush=True)
+            rows_out = bench_variant(torch, lib, hidden, dtype, rows, args.peers, copy_gbps, meta)
+            writer.writerows(rows_out)  # written as it goes: a run cut short keeps what it measured
+            f.flush()
+            results += rows_out
     write_markdown(results, copy_gbps, stem.with_suffix(".md"))
     try:
         plot(stem.with_suffix(".csv"), stem.with_suffix(".png"))

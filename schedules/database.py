@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import tvm
@@ -51,6 +51,7 @@ class Record:
     decisions: tuple[int, ...]
     seconds: float
     line: int
+    structure: tuple[tuple[str, int], ...] = ()
 
 
 def _json_lines(path: Path):
@@ -78,6 +79,22 @@ def _decisions(trace_json) -> tuple[int, ...]:
     return tuple(values)
 
 
+def _structure(trace_json) -> tuple[tuple[str, int], ...]:
+    """The structural knobs of a one-pass-backward trace, read off its instructions.
+
+    MetaSchedule simplifies a trace before saving it and drops the one-candidate samples that mark
+    the structure (nothing consumes them), so the structure is recovered from what it did: x and dy
+    caches are two CacheReads, gamma's is one more; a chunked row split puts the thread count first.
+    """
+    insts = trace_json[0]
+    if not any(inst[0] == "Merge" for inst in insts) or not any(inst[0] == "DecomposeReduction" for inst in insts):
+        return ()
+    caches = sum(inst[0] == "CacheRead" for inst in insts)
+    row_split = next((inst for inst in insts if inst[0] == "Split" and len(inst[1]) == 4), None)
+    chunked = int(row_split is not None and row_split[1][1] != "None")
+    return (("cache_rows", int(caches >= 2)), ("cache_gamma", caches % 2), ("chunked", chunked))
+
+
 def read_records(folder: Path) -> dict[str, Record]:
     """workload hash -> its fastest valid record, from one target's tuning-log folder."""
     hashes = {}
@@ -92,7 +109,7 @@ def read_records(folder: Path) -> dict[str, Record]:
         try:
             index, (trace_json, run_secs, *_rest) = entry
             seconds = sum(float(s) for s in run_secs) / len(run_secs)
-            record = Record(hashes[int(index)], _decisions(trace_json), seconds, number)
+            record = Record(hashes[int(index)], _decisions(trace_json), seconds, number, _structure(trace_json))
         except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError):
             warnings.warn(f"{folder / RECORDS}:{number}: skipped a malformed tuning record", stacklevel=2)
             continue
@@ -116,24 +133,32 @@ def baseline_knobs(kernel: Kernel, target: TargetInfo) -> dict:
     return fixed.used
 
 
+# A 16-bit kernel without records of its own takes its twin's tuned knobs: the same element size gives
+# the same design space (vector width, thread candidates), so the decisions carry over (untimed).
+TWIN_DTYPES = {"float16": "bfloat16", "bfloat16": "float16"}
+
+
 def choose(kernel: Kernel, target: TargetInfo, records: dict[str, Record] | None = None) -> Choice:
-    """The tuned knobs for `kernel` when a record matches its workload, else the baseline's."""
+    """The tuned knobs for `kernel` when a record matches its workload, else its 16-bit twin's
+    (marked "transfer:"), else the baseline's."""
     if records is None:
         records = read_records(TUNING_LOGS / target.name)
     record = records.get(workload_hash(kernel, target)) if records else None
+    prefix = "tuned"
+    if record is None and records and kernel.dtype in TWIN_DTYPES:
+        twin = replace(kernel, dtype=TWIN_DTYPES[kernel.dtype])
+        record, prefix = records.get(workload_hash(twin, target)), f"transfer:{twin.dtype}"
     if record is None:
         return Choice(baseline_knobs(kernel, target), "baseline")
-    knobs = _knobs_of(kernel, target, record.decisions)
+    knobs = _knobs_of(kernel, target, record.decisions, dict(record.structure))
     if knobs is None:
         warnings.warn(f"{kernel.name}: tuned record (line {record.line}) does not fit the design space; using the baseline")
         return Choice(baseline_knobs(kernel, target), "baseline")
-    return Choice(knobs, f"tuned:{record.workload_hash}:line{record.line}:{record.seconds * 1e6:.1f}us")
+    return Choice(knobs, f"{prefix}:{record.workload_hash}:line{record.line}:{record.seconds * 1e6:.1f}us")
 
 
-def _knobs_of(kernel: Kernel, target: TargetInfo, decisions: tuple[int, ...]) -> dict | None:
+def _knobs_of(kernel: Kernel, target: TargetInfo, decisions: tuple[int, ...], structure: dict) -> dict | None:
     """Name a record's decisions by replaying the space with them; None when they do not fit."""
-    recorder = Recorder()
-    recorder.values = {}
     values = iter(decisions)
 
     class Replay(Recorder):
@@ -141,12 +166,16 @@ def _knobs_of(kernel: Kernel, target: TargetInfo, decisions: tuple[int, ...]) ->
             self.values[name] = next(values, None)
             return super().pick(sch, name, candidates)
 
+        def structural(self, sch, name, candidates):
+            self.values[name] = structure.get(name, candidates[0])
+            return Recorder.pick(self, sch, name, candidates)
+
     replay = Replay()
     try:
         spaces.apply(tvm.s_tir.Schedule(kernel.prim_func()), kernel, target, replay)
     except Exception:  # noqa: BLE001 (a record from another version of the space)
         return None
-    if next(values, None) is not None or len(replay.order) != len(decisions):
+    if next(values, None) is not None:  # decisions left over: a record of another space
         return None
     if any(replay.values[n] != replay.used[n] for n in replay.order):
         return None
