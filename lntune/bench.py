@@ -114,6 +114,10 @@ class Impls:
 
     def _compiled(self):
         torch = self.torch
+        import torch._dynamo.config
+        import torch._functorch.config
+
+        # Backward is timed by replaying one graph (retain_graph), which donated buffers forbid.
         torch._functorch.config.donated_buffer = False
         torch._dynamo.config.recompile_limit = 64
         n = self.hidden
@@ -257,7 +261,8 @@ def plot(csv_path: Path, png_path: Path) -> None:
         ax.set_ylabel("effective GB/s")
         ax.set_title(pass_)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    for ax in axes[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
 

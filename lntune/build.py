@@ -56,12 +56,13 @@ def export(target_name: str, hidden: Iterable[int], dtypes: Iterable[str], out_d
     hidden, dtypes = _check_request(hidden, dtypes)
     if target.family == "rocm":
         toolchain.prepare_rocm()
-    records = database.read_records(Path(logs_dir or database.TUNING_LOGS) / target.name)
+    folder = Path(logs_dir or database.TUNING_LOGS) / target.name
+    records, selection = database.read_records(folder), database.read_selection(folder)
     mod, variants = tvm.IRModule(), []
     for n in hidden:
         for dtype in dtypes:
             for kernel in kernels_for(n, dtype, target):
-                choice = database.choose(kernel, target, records)
+                choice = database.choose(kernel, target, records, selection)
                 mod[kernel.name] = database.scheduled(kernel, target, choice.knobs)
                 variants.append({
                     "op": kernel.op, "hidden": n, "dtype": dtype, "parts": kernel.parts,
@@ -82,7 +83,7 @@ def export(target_name: str, hidden: Iterable[int], dtypes: Iterable[str], out_d
         "variants": variants,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    tuned = sum(v["schedule"] != "baseline" for v in variants)
-    log(f"exported {len(variants)} kernels ({tuned} tuned, {len(variants) - tuned} baseline) for {target.name} "
+    tuned = sum(not v["schedule"].startswith("baseline") for v in variants)
+    log(f"exported {len(variants)} kernels ({tuned} tuned or transferred, {len(variants) - tuned} baseline) for {target.name} "
         f"to {out / LIBRARY} in {time.perf_counter() - start:.1f}s [{manifest['device_code']}]")
     return manifest

@@ -62,6 +62,13 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_select(args) -> int:
+    from lntune.select import select
+
+    print(f"wrote {select(args.target, args.hidden, args.dtype, args.elements)}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from lntune.bench import main as bench_main
 
@@ -105,6 +112,13 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, default=None, help="builder processes (default: all cores)")
     t.add_argument("--builder-timeout", type=float, default=120.0, help="seconds per candidate build")
     t.set_defaults(func=cmd_tune)
+
+    s = sub.add_parser("select", help="keep tuned records only where they beat the baseline as exported")
+    s.add_argument("--target", required=True)
+    s.add_argument("--hidden", type=_ints, required=True)
+    s.add_argument("--dtype", type=_words, default=["float32"])
+    s.add_argument("--elements", type=int, default=1 << 26, help="M*N at which kernels are timed")
+    s.set_defaults(func=cmd_select)
 
     b = sub.add_parser("bench", help="GPU benchmark against ATen, torch.compile and Liger")
     b.add_argument("library", help="export directory of the library to benchmark")

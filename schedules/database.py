@@ -138,11 +138,29 @@ def baseline_knobs(kernel: Kernel, target: TargetInfo) -> dict:
 TWIN_DTYPES = {"float16": "bfloat16", "bfloat16": "float16"}
 
 
-def choose(kernel: Kernel, target: TargetInfo, records: dict[str, Record] | None = None) -> Choice:
+def read_selection(folder: Path) -> dict:
+    """selection.json: per kernel, whether its tuned record beat the baseline as exported (lntune select)."""
+    path = folder / "selection.json"
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError as err:
+        warnings.warn(f"{path}: ignored, not valid JSON ({err.msg})", stacklevel=2)
+        return {}
+
+
+def choose(kernel: Kernel, target: TargetInfo, records: dict[str, Record] | None = None,
+           selection: dict | None = None) -> Choice:
     """The tuned knobs for `kernel` when a record matches its workload, else its 16-bit twin's
-    (marked "transfer:"), else the baseline's."""
+    (marked "transfer:"), else the baseline's; and the baseline where selection.json measured the
+    exported tuned kernel slower."""
     if records is None:
         records = read_records(TUNING_LOGS / target.name)
+    if selection is None:
+        selection = read_selection(TUNING_LOGS / target.name)
+    verdict = selection.get(kernel.name, {})
+    if verdict.get("choice") == "baseline":
+        return Choice(baseline_knobs(kernel, target),
+                      f"baseline (tuned {verdict.get('tuned_us')} us > baseline {verdict.get('baseline_us')} us as exported)")
     record = records.get(workload_hash(kernel, target)) if records else None
     prefix = "tuned"
     if record is None and records and kernel.dtype in TWIN_DTYPES:
