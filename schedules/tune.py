@@ -83,6 +83,7 @@ def tune(
         measure_callbacks="default",
         task_scheduler="round-robin",
     )
+    prune(log_dir)
     return log_dir
 
 
@@ -113,3 +114,37 @@ def summarize(kernels: list[Kernel], target: TargetInfo, log_dir: Path) -> str:
         gbps = kernel_bytes(k, rows) / record.seconds / 1e9
         lines.append(f"{k.name:<44} {rows:>8} {record.seconds * 1e6:>9.1f} {gbps:>7.0f}  {choose(k, target, records).knobs}")
     return "\n".join(lines)
+
+
+def prune(log_dir: Path, keep: int = 3) -> tuple[int, int]:
+    """Rewrite a JSON database with only the `keep` fastest valid records of each workload.
+
+    Export needs the best record; a few more keep a resumed search seeded. Returns (records before,
+    after). Damaged lines are dropped (with the reader's warning).
+    """
+    import json
+
+    from schedules.database import RECORDS, WORKLOADS, _json_lines
+
+    log_dir = Path(log_dir)
+    workloads = [entry for _, entry in _json_lines(log_dir / WORKLOADS)]
+    by_workload: dict[int, list] = {}
+    before = 0
+    for _, entry in _json_lines(log_dir / RECORDS):
+        before += 1
+        try:
+            index, (_trace, run_secs, *_rest) = entry
+            seconds = sum(float(s) for s in run_secs) / len(run_secs)
+        except (TypeError, ValueError, ZeroDivisionError):
+            continue
+        if seconds < 1e9:  # MetaSchedule stores failed builds/runs as 1e10 s
+            by_workload.setdefault(int(index), []).append((seconds, entry))
+    used = sorted(by_workload)
+    new_index = {old: new for new, old in enumerate(used)}
+    lines = []
+    for old in used:
+        for _, entry in sorted(by_workload[old], key=lambda item: item[0])[:keep]:
+            lines.append(json.dumps([new_index[old], entry[1]]))
+    (log_dir / WORKLOADS).write_text("".join(json.dumps(workloads[i]) + "\n" for i in used))
+    (log_dir / RECORDS).write_text("".join(line + "\n" for line in lines))
+    return before, len(lines)
