@@ -91,15 +91,17 @@ class Impls:
             bsum(*parts, dgamma, dbeta)
             return dx, dgamma, dbeta
 
-        self.passes.update({("lntune", "forward"): forward, ("lntune", "stats"): statistics_,
-                            ("lntune", "backward"): backward})
+        self.passes.update(
+            {("lntune", "forward"): forward, ("lntune", "stats"): statistics_, ("lntune", "backward"): backward}
+        )
 
     def _aten(self):
         aten, n = self.torch.ops.aten, self.hidden
         mean, rstd = self.mean.view(-1, 1), self.rstd.view(-1, 1)
         self.passes[("aten", "forward")] = lambda: aten.native_layer_norm(self.x, [n], self.gamma, self.beta, EPS)
         self.passes[("aten", "backward")] = lambda: aten.native_layer_norm_backward(
-            self.dy, self.x, [n], mean, rstd, self.gamma, self.beta, [True, True, True])
+            self.dy, self.x, [n], mean, rstd, self.gamma, self.beta, [True, True, True]
+        )
 
     def _autograd_pair(self, name, layer_norm):
         """forward and backward callables of an autograd LayerNorm (backward replays one graph)."""
@@ -113,10 +115,11 @@ class Impls:
         self.passes[(name, "backward")] = lambda: torch.autograd.grad(y, (x, g, b), self.dy, retain_graph=True)
 
     def _compiled(self):
-        torch = self.torch
-        import torch._dynamo.config
-        import torch._functorch.config
+        import importlib
 
+        torch = self.torch
+        for module in ("torch._dynamo.config", "torch._functorch.config"):
+            importlib.import_module(module)
         # Backward is timed by replaying one graph (retain_graph), which donated buffers forbid.
         torch._functorch.config.donated_buffer = False
         torch._dynamo.config.recompile_limit = 64
@@ -145,7 +148,10 @@ def _errors(impl: str, pass_: str, outputs, ref) -> float:
         y = outputs[0]
         return reference.rel_error(host(y[:k]), ref["y"])
     if pass_ == "stats":
-        return max(reference.rel_error(host(outputs[0][:k]), ref["mean"]), reference.rel_error(host(outputs[1][:k]), ref["rstd"]))
+        return max(
+            reference.rel_error(host(outputs[0][:k]), ref["mean"]),
+            reference.rel_error(host(outputs[1][:k]), ref["rstd"]),
+        )
     dx, dgamma, dbeta = outputs[:3]
     errs = [reference.rel_error(host(dx[:k]), ref["dx"])]
     # Column sums cover all rows; compare them with the full-size reference sums.
@@ -160,8 +166,14 @@ def _reference(torch, impls: Impls) -> dict:
     xhat = (x - mean[:, None]) * rstd[:, None]
     y_ref, m_ref, r_ref = reference.forward(*(t.cpu().numpy() for t in (x[:k], g, b)), EPS)
     dx_ref = reference.backward(*(t.cpu().numpy() for t in (dy[:k], x[:k], mean[:k], rstd[:k], g)))[0]
-    return {"y": y_ref, "mean": m_ref, "rstd": r_ref, "dx": dx_ref,
-            "dgamma": (dy * xhat).sum(0).cpu().numpy(), "dbeta": dy.sum(0).cpu().numpy()}
+    return {
+        "y": y_ref,
+        "mean": m_ref,
+        "rstd": r_ref,
+        "dx": dx_ref,
+        "dgamma": (dy * xhat).sum(0).cpu().numpy(),
+        "dbeta": dy.sum(0).cpu().numpy(),
+    }
 
 
 BYTES_PER_ELEMENT_PASSES = {"forward": 2, "stats": 1, "backward": 3}
@@ -187,9 +199,20 @@ def bench_variant(torch, lib, hidden: int, dtype: str, rows: int, peers, copy_gb
         else:
             ms = _time(fn, torch)
         gbps = BYTES_PER_ELEMENT_PASSES[pass_] * rows * hidden * itemsize / ms / 1e6
-        results.append({**meta, "impl": impl, "pass": pass_, "dtype": dtype, "hidden": hidden, "rows": rows,
-                        "ms": round(ms, 4), "gbps": round(gbps, 1), "fraction_of_copy": round(gbps / copy_gbps, 3),
-                        "rel_error": f"{err:.2e}"})
+        results.append(
+            {
+                **meta,
+                "impl": impl,
+                "pass": pass_,
+                "dtype": dtype,
+                "hidden": hidden,
+                "rows": rows,
+                "ms": round(ms, 4),
+                "gbps": round(gbps, 1),
+                "fraction_of_copy": round(gbps / copy_gbps, 3),
+                "rel_error": f"{err:.2e}",
+            }
+        )
     results.append(_determinism(torch, impls, meta, hidden, dtype, rows))
     del impls
     torch.cuda.empty_cache()
@@ -201,23 +224,41 @@ def _determinism(torch, impls: Impls, meta, hidden, dtype, rows) -> dict:
     first = [t.clone() for t in impls.passes[("lntune", "backward")]()[1:]]
     second = impls.passes[("lntune", "backward")]()[1:]
     same = all(torch.equal(a, b) for a, b in zip(first, second))
-    return {**meta, "impl": "lntune", "pass": "determinism", "dtype": dtype, "hidden": hidden, "rows": rows,
-            "ms": "", "gbps": "", "fraction_of_copy": "", "rel_error": "bitwise-equal" if same else "DIFFERENT"}
+    return {
+        **meta,
+        "impl": "lntune",
+        "pass": "determinism",
+        "dtype": dtype,
+        "hidden": hidden,
+        "rows": rows,
+        "ms": "",
+        "gbps": "",
+        "fraction_of_copy": "",
+        "rel_error": "bitwise-equal" if same else "DIFFERENT",
+    }
 
 
 def write_markdown(results: list[dict], copy_gbps: float, path: Path) -> None:
     timed = [r for r in results if r["pass"] != "determinism"]
     impls = list(dict.fromkeys(r["impl"] for r in timed))
-    lines = [f"# lntune benchmark — {timed[0]['device']}, {timed[0]['date']}", "",
-             f"Device-to-device copy: {copy_gbps:.0f} GB/s (read + write). Cells: fraction of copy bandwidth "
-             "(effective GB/s over copy GB/s); in brackets lntune's speed-up over that peer.", ""]
+    lines = [
+        f"# lntune benchmark — {timed[0]['device']}, {timed[0]['date']}",
+        "",
+        f"Device-to-device copy: {copy_gbps:.0f} GB/s (read + write). Cells: fraction of copy bandwidth "
+        "(effective GB/s over copy GB/s); in brackets lntune's speed-up over that peer.",
+        "",
+    ]
     for pass_ in ("backward", "forward", "stats"):
         rows = [r for r in timed if r["pass"] == pass_]
         if not rows:
             continue
         present = [i for i in impls if any(r["impl"] == i for r in rows)]
-        lines += [f"## {pass_}", "", "| dtype | N | M | " + " | ".join(present) + " |",
-                  "|---|---|---|" + "---|" * len(present)]
+        lines += [
+            f"## {pass_}",
+            "",
+            "| dtype | N | M | " + " | ".join(present) + " |",
+            "|---|---|---|" + "---|" * len(present),
+        ]
         for key in dict.fromkeys((r["dtype"], r["hidden"], r["rows"]) for r in rows):
             cell = {r["impl"]: r for r in rows if (r["dtype"], r["hidden"], r["rows"]) == key}
             mine = cell.get("lntune", {}).get("ms")
@@ -232,7 +273,8 @@ def write_markdown(results: list[dict], copy_gbps: float, path: Path) -> None:
             lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
         lines.append("")
     det = [r for r in results if r["pass"] == "determinism"]
-    lines.append(f"Determinism: lntune dgamma/dbeta bitwise equal across runs in {sum(r['rel_error'] == 'bitwise-equal' for r in det)}/{len(det)} variants.")
+    equal = sum(r["rel_error"] == "bitwise-equal" for r in det)
+    lines.append(f"Determinism: lntune dgamma/dbeta bitwise equal across runs in {equal}/{len(det)} variants.")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -278,12 +320,26 @@ def main(args) -> int:
     meta = {"device": device, "date": date}
     copy_gbps = copy_bandwidth(torch)
     print(f"{device}: device-to-device copy {copy_gbps:.0f} GB/s")
-    results = [{**meta, "impl": "copy", "pass": "copy", "dtype": "", "hidden": "", "rows": "", "ms": "",
-                "gbps": round(copy_gbps, 1), "fraction_of_copy": 1.0, "rel_error": ""}]
+    results = [
+        {
+            **meta,
+            "impl": "copy",
+            "pass": "copy",
+            "dtype": "",
+            "hidden": "",
+            "rows": "",
+            "ms": "",
+            "gbps": round(copy_gbps, 1),
+            "fraction_of_copy": 1.0,
+            "rel_error": "",
+        }
+    ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"bench-{device.replace(' ', '_')}-{date}{args.tag}"
-    variants = [(h, d) for h, d in lib.variants if (not args.hidden or h in args.hidden) and (not args.dtype or d in args.dtype)]
+    variants = [
+        (h, d) for h, d in lib.variants if (not args.hidden or h in args.hidden) and (not args.dtype or d in args.dtype)
+    ]
     shapes = [(h, d, r) for h, d in variants for r in (args.rows or [max(1, e // h) for e in args.elements])]
     with stem.with_suffix(".csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)

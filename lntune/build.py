@@ -49,8 +49,14 @@ def device_code_kind(target: TargetInfo) -> str:
     return {"rocm": "hsaco", "cpu": "native"}[target.family]
 
 
-def export(target_name: str, hidden: Iterable[int], dtypes: Iterable[str], out_dir: str | Path,
-           logs_dir: Path | None = None, log=print) -> dict:
+def export(
+    target_name: str,
+    hidden: Iterable[int],
+    dtypes: Iterable[str],
+    out_dir: str | Path,
+    logs_dir: Path | None = None,
+    log=print,
+) -> dict:
     """Compile every requested variant into out_dir/lntune.so and write out_dir/manifest.json."""
     target = get_target(target_name)
     hidden, dtypes = _check_request(hidden, dtypes)
@@ -64,10 +70,17 @@ def export(target_name: str, hidden: Iterable[int], dtypes: Iterable[str], out_d
             for kernel in kernels_for(n, dtype, target):
                 choice = database.choose(kernel, target, records, selection)
                 mod[kernel.name] = database.scheduled(kernel, target, choice.knobs)
-                variants.append({
-                    "op": kernel.op, "hidden": n, "dtype": dtype, "parts": kernel.parts,
-                    "function": kernel.name, "schedule": choice.source, "knobs": choice.knobs,
-                })
+                variants.append(
+                    {
+                        "op": kernel.op,
+                        "hidden": n,
+                        "dtype": dtype,
+                        "parts": kernel.parts,
+                        "function": kernel.name,
+                        "schedule": choice.source,
+                        "knobs": choice.knobs,
+                    }
+                )
     start = time.perf_counter()
     lib = tvm.compile(mod, target=tvm.target.Target(target.spec, host="llvm"))
     out = Path(out_dir)
@@ -84,6 +97,8 @@ def export(target_name: str, hidden: Iterable[int], dtypes: Iterable[str], out_d
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     tuned = sum(not v["schedule"].startswith("baseline") for v in variants)
-    log(f"exported {len(variants)} kernels ({tuned} tuned or transferred, {len(variants) - tuned} baseline) for {target.name} "
-        f"to {out / LIBRARY} in {time.perf_counter() - start:.1f}s [{manifest['device_code']}]")
+    log(
+        f"exported {len(variants)} kernels ({tuned} tuned or transferred, {len(variants) - tuned} baseline) "
+        f"for {target.name} to {out / LIBRARY} in {time.perf_counter() - start:.1f}s [{manifest['device_code']}]"
+    )
     return manifest

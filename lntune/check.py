@@ -62,7 +62,11 @@ def check_variant(lib: Library, hidden: int, dtype: str, rows: int, rng: np.rand
         results.append(Row(hidden, dtype, rows, op, name, reference.rel_error(got.numpy(), want), t))
 
     ref_y, ref_mean, ref_rstd = reference.forward(x, gamma, beta, EPS)
-    y, mean, rstd = _poisoned((rows, hidden), dtype, dev), _poisoned((rows,), STATS_DTYPE, dev), _poisoned((rows,), STATS_DTYPE, dev)
+    y, mean, rstd = (
+        _poisoned((rows, hidden), dtype, dev),
+        _poisoned((rows,), STATS_DTYPE, dev),
+        _poisoned((rows,), STATS_DTYPE, dev),
+    )
     lib.kernel("forward", hidden, dtype)(on_dev["x"], on_dev["gamma"], on_dev["beta"], EPS, y, mean, rstd)
     for name, got, want in (("y", y, ref_y), ("mean", mean, ref_mean), ("rstd", rstd, ref_rstd)):
         record("forward", name, got, want)
@@ -78,8 +82,13 @@ def check_variant(lib: Library, hidden: int, dtype: str, rows: int, rng: np.rand
     parts = [_poisoned((lib.parts[(hidden, dtype)], hidden), STATS_DTYPE, dev) for _ in range(2)]
     dx = _poisoned((rows, hidden), dtype, dev)
     lib.kernel("backward", hidden, dtype)(
-        on_dev["dy"], on_dev["x"], tvm.runtime.tensor(mean32, dev), tvm.runtime.tensor(rstd32, dev), on_dev["gamma"],
-        dx, *parts,
+        on_dev["dy"],
+        on_dev["x"],
+        tvm.runtime.tensor(mean32, dev),
+        tvm.runtime.tensor(rstd32, dev),
+        on_dev["gamma"],
+        dx,
+        *parts,
     )
     dgamma, dbeta = _poisoned((hidden,), dtype, dev), _poisoned((hidden,), dtype, dev)
     lib.kernel("backward_sum", hidden, dtype)(*parts, dgamma, dbeta)
@@ -90,7 +99,12 @@ def check_variant(lib: Library, hidden: int, dtype: str, rows: int, rng: np.rand
 
 def check_library(lib: Library, rows_list=DEFAULT_ROWS, seed: int | None = None) -> list[Row]:
     rng = np.random.default_rng(seed)
-    return [row for hidden, dtype in lib.variants for rows in rows_list for row in check_variant(lib, hidden, dtype, rows, rng)]
+    return [
+        row
+        for hidden, dtype in lib.variants
+        for rows in rows_list
+        for row in check_variant(lib, hidden, dtype, rows, rng)
+    ]
 
 
 def format_table(rows: list[Row]) -> str:

@@ -47,17 +47,18 @@ def cmd_check(args) -> int:
 
 
 def cmd_tune(args) -> int:
+    import logging
+
     from lntune.build import kernels_for
     from schedules.targets import get_target
-    from schedules.tune import tune, summarize
-
-    import logging
+    from schedules.tune import summarize, tune
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     target = get_target(args.target)
     kernels = [k for n in args.hidden for d in args.dtype for k in kernels_for(n, d, target) if k.op in args.ops]
-    log_dir = tune(kernels, target, args.trials, log_dir=args.log_dir, workers=args.workers,
-                   builder_timeout=args.builder_timeout)
+    log_dir = tune(
+        kernels, target, args.trials, log_dir=args.log_dir, workers=args.workers, builder_timeout=args.builder_timeout
+    )
     print(summarize(kernels, target, log_dir))
     return 0
 

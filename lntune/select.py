@@ -34,8 +34,14 @@ def _arguments(kernel: Kernel, rows: int, device, rng: np.random.Generator) -> l
         data = rng.standard_normal(shape, dtype=np.float32) + (3.0 if param.name == "x" else 0.0)
         if param.name == "rstd":
             data = np.abs(data) + 0.5
-        args.append(tvm.runtime.tensor(data.astype(str(param.dtype)) if str(param.dtype) != "bfloat16"
-                                       else data.astype(__import__("ml_dtypes").bfloat16), device))
+        args.append(
+            tvm.runtime.tensor(
+                data.astype(str(param.dtype))
+                if str(param.dtype) != "bfloat16"
+                else data.astype(__import__("ml_dtypes").bfloat16),
+                device,
+            )
+        )
     return args
 
 
@@ -66,8 +72,13 @@ def select(target_name: str, hidden: list[int], dtypes: list[str], elements: int
                 t_tuned = _time_us(kernel, target, choice.knobs, args, device)
                 t_base = _time_us(kernel, target, base, args, device)
                 winner = "tuned" if t_tuned <= t_base else "baseline"
-                selection[kernel.name] = {"choice": winner, "rows": rows, "tuned_us": round(t_tuned, 1),
-                                          "baseline_us": round(t_base, 1), "record": choice.source}
+                selection[kernel.name] = {
+                    "choice": winner,
+                    "rows": rows,
+                    "tuned_us": round(t_tuned, 1),
+                    "baseline_us": round(t_base, 1),
+                    "record": choice.source,
+                }
                 log(f"{kernel.name:<44} M={rows:<7} tuned {t_tuned:8.1f} us  baseline {t_base:8.1f} us -> {winner}")
                 del args
     path.write_text(json.dumps(selection, indent=1, sort_keys=True) + "\n")

@@ -68,12 +68,16 @@ def _json_lines(path: Path):
 
 
 def _decisions(trace_json) -> tuple[int, ...]:
-    """The chosen candidate of each SampleCategorical in a serialized trace, in program order."""
+    """The chosen candidate of each SampleCategorical in a serialized trace, in program order.
+
+    One-candidate samples are skipped: they decide nothing (structure markers, or a knob with a single
+    choice), and trace simplification keeps some and drops others.
+    """
     insts, decisions = trace_json
     chosen = dict((int(i), int(d)) for i, d in decisions)
     values = []
     for index, inst in enumerate(insts):
-        if inst[0] == "SampleCategorical":
+        if inst[0] == "SampleCategorical" and len(inst[2][0]) > 1:
             candidates = inst[2][0]
             values.append(int(candidates[chosen[index]]))
     return tuple(values)
@@ -148,8 +152,9 @@ def read_selection(folder: Path) -> dict:
         return {}
 
 
-def choose(kernel: Kernel, target: TargetInfo, records: dict[str, Record] | None = None,
-           selection: dict | None = None) -> Choice:
+def choose(
+    kernel: Kernel, target: TargetInfo, records: dict[str, Record] | None = None, selection: dict | None = None
+) -> Choice:
     """The tuned knobs for `kernel` when a record matches its workload, else its 16-bit twin's
     (marked "transfer:"), else the baseline's; and the baseline where selection.json measured the
     exported tuned kernel slower."""
@@ -159,8 +164,10 @@ def choose(kernel: Kernel, target: TargetInfo, records: dict[str, Record] | None
         selection = read_selection(TUNING_LOGS / target.name)
     verdict = selection.get(kernel.name, {})
     if verdict.get("choice") == "baseline":
-        return Choice(baseline_knobs(kernel, target),
-                      f"baseline (tuned {verdict.get('tuned_us')} us > baseline {verdict.get('baseline_us')} us as exported)")
+        return Choice(
+            baseline_knobs(kernel, target),
+            f"baseline (tuned {verdict.get('tuned_us')} us > baseline {verdict.get('baseline_us')} us as exported)",
+        )
     record = records.get(workload_hash(kernel, target)) if records else None
     prefix = "tuned"
     if record is None and records and kernel.dtype in TWIN_DTYPES:
@@ -170,7 +177,10 @@ def choose(kernel: Kernel, target: TargetInfo, records: dict[str, Record] | None
         return Choice(baseline_knobs(kernel, target), "baseline")
     knobs = _knobs_of(kernel, target, record.decisions, dict(record.structure))
     if knobs is None:
-        warnings.warn(f"{kernel.name}: tuned record (line {record.line}) does not fit the design space; using the baseline")
+        warnings.warn(
+            f"{kernel.name}: tuned record (line {record.line}) does not fit the design space; using the baseline",
+            stacklevel=2,
+        )
         return Choice(baseline_knobs(kernel, target), "baseline")
     return Choice(knobs, f"{prefix}:{record.workload_hash}:line{record.line}:{record.seconds * 1e6:.1f}us")
 
@@ -181,7 +191,7 @@ def _knobs_of(kernel: Kernel, target: TargetInfo, decisions: tuple[int, ...], st
 
     class Replay(Recorder):
         def pick(self, sch, name, candidates):
-            self.values[name] = next(values, None)
+            self.values[name] = candidates[0] if len(candidates) == 1 else next(values, None)
             return super().pick(sch, name, candidates)
 
         def structural(self, sch, name, candidates):

@@ -44,8 +44,19 @@ def thread_candidates(kernel: Kernel, target: TargetInfo, max_per_thread: int = 
     units = kernel.hidden // vector_width(kernel, target)
     divisors = [d for d in range(1, min(units, target.max_threads) + 1) if units % d == 0]
     warp_multiples = [d for d in divisors if d % target.warp == 0]
-    fitting = [d for d in (warp_multiples or divisors[-1:]) if units // d * vector_width(kernel, target) <= max_per_thread]
+    fitting = [
+        d for d in (warp_multiples or divisors[-1:]) if units // d * vector_width(kernel, target) <= max_per_thread
+    ]
     return fitting or [max(warp_multiples or divisors)]
+
+
+def rows_per_block_candidates(target: TargetInfo) -> tuple[int, ...]:
+    """Rows per thread block in the row-wise kernels (threadIdx.y).
+
+    ROCm: one. With several rows, TVM's allreduce passes an int64 lane index to
+    llvm.amdgcn.ds.bpermute when the row count is int64, and LLVM rejects the module.
+    """
+    return (1,) if target.family == "rocm" else ROWS_PER_BLOCK
 
 
 def parts_for(target: TargetInfo, hidden: int, dtype: str) -> int:
@@ -72,7 +83,14 @@ def _read_index(sch: s_tir.Schedule, block, buffer_name: str) -> int:
 
 
 def _spread_row(
-    sch: s_tir.Schedule, block, threads, vec: int, vectorize: bool, gpu: bool, units: int = 2, lanes: int = 0,
+    sch: s_tir.Schedule,
+    block,
+    threads,
+    vec: int,
+    vectorize: bool,
+    gpu: bool,
+    units: int = 2,
+    lanes: int = 0,
     chunked: int = 0,
 ) -> None:
     """Split a block's innermost (hidden-size) loop over threads and vector lanes.
@@ -137,7 +155,7 @@ def rowwise(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, knobs) -> N
     outputs = (["y"] if kernel.op == "forward" else []) + ["mean", "rstd"]
     if gpu:
         threads = knobs.pick(sch, "threads", thread_candidates(kernel, target))
-        rows = knobs.pick(sch, "rows_per_block", ROWS_PER_BLOCK)
+        rows = knobs.pick(sch, "rows_per_block", rows_per_block_candidates(target))
         splits = [sch.split(sch.get_loops(sch.get_sblock(b))[0], [None, rows]) for b in outputs]
         row_block = sch.merge(*[s[0] for s in splits])
         row = sch.merge(*[s[1] for s in splits])
@@ -274,14 +292,20 @@ def default_knobs(kernel: Kernel, target: TargetInfo) -> dict[str, int]:
         cands = thread_candidates(kernel, target)
         vec = vector_width(kernel, target)
         threads = min(cands, key=lambda t: (abs(kernel.hidden / t / vec - 2), t))
-        rows = max(1, min(ROWS_PER_BLOCK[-1], 128 // threads))
+        rows = max(1, min(rows_per_block_candidates(target)[-1], 128 // threads))
         return {"threads": threads, "rows_per_block": rows, "unroll": 64}
     # Rows past 16 KB: gamma stays in L1 instead of registers, and each thread owns a contiguous
     # piece of the row (see _spread_row) so that the register caches stay registers.
     long_row = kernel.hidden * (4 if kernel.dtype == "float32" else 2) > 16384
     cands = thread_candidates(kernel, target, max_per_thread=32)
     threads = min(cands, key=lambda t: (abs(kernel.hidden / t - 16), -t))
-    return {"cache_rows": 1, "cache_gamma": int(not long_row), "chunked": int(long_row), "threads": threads, "unroll": 64}
+    return {
+        "cache_rows": 1,
+        "cache_gamma": int(not long_row),
+        "chunked": int(long_row),
+        "threads": threads,
+        "unroll": 64,
+    }
 
 
 def knob_names(kernel: Kernel, target: TargetInfo) -> Sequence[str]:

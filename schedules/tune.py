@@ -66,7 +66,9 @@ def tune(
     builder = ms.builder.LocalBuilder(max_workers=workers, timeout_sec=builder_timeout)
     if runner == "local":
         runner = ms.runner.LocalRunner(
-            evaluator_config=ms.runner.EvaluatorConfig(number=5, repeat=3, min_repeat_ms=50, enable_cpu_cache_flush=False)
+            evaluator_config=ms.runner.EvaluatorConfig(
+                number=5, repeat=3, min_repeat_ms=50, enable_cpu_cache_flush=False
+            )
         )
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.INFO)
     ms.tune_tasks(
@@ -112,7 +114,9 @@ def summarize(kernels: list[Kernel], target: TargetInfo, log_dir: Path) -> str:
             lines.append(f"{k.name:<44} {rows:>8} {'-':>9} {'-':>7}  (no valid record)")
             continue
         gbps = kernel_bytes(k, rows) / record.seconds / 1e9
-        lines.append(f"{k.name:<44} {rows:>8} {record.seconds * 1e6:>9.1f} {gbps:>7.0f}  {choose(k, target, records).knobs}")
+        lines.append(
+            f"{k.name:<44} {rows:>8} {record.seconds * 1e6:>9.1f} {gbps:>7.0f}  {choose(k, target, records).knobs}"
+        )
     return "\n".join(lines)
 
 

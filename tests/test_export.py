@@ -1,0 +1,98 @@
+"""Export for every target family on this CPU-only machine, and what the libraries hold."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+import tvm
+
+from lntune import toolchain
+from lntune.build import export
+from lntune.cli import main
+
+
+def test_cuda_export_embeds_device_code_and_it_compiles(tmp_path):
+    manifest = export("cuda-sm90", [768, 4096], ["float32", "bfloat16"], tmp_path, log=lambda *_: None)
+    assert manifest["device_code"] in ("cuda-source", "cubin")
+    assert len(manifest["variants"]) == 16
+    assert {v["op"] for v in manifest["variants"]} == {"forward", "forward_stats", "backward", "backward_sum"}
+    blob = (tmp_path / "lntune.so").read_bytes()
+    kernels = set(re.findall(rb"lntune_\w+_kernel", blob))
+    assert len(kernels) >= 16, kernels
+    if manifest["device_code"] == "cuda-source":
+        source = blob[blob.index(b"#ifdef __CUDACC_RTC__") :]
+        source = source[: source.index(b"\x00")] if b"\x00" in source else source
+        assert b"__global__" in source
+        if shutil.which("nvcc"):
+            cu = tmp_path / "kernels.cu"
+            cu.write_bytes(source)
+            out = subprocess.run(
+                [
+                    "nvcc",
+                    "-arch=sm_90",
+                    "-cubin",
+                    "-o",
+                    str(tmp_path / "k.cubin"),
+                    str(cu),
+                    "-diag-suppress",
+                    "1444",
+                    "-Xptxas",
+                    "-v",
+                ],
+                capture_output=True,
+                text=True,
+            )
+            assert out.returncode == 0, out.stderr[-2000:]
+            # The row caches stay in registers: no kernel has a stack frame.
+            frames = [int(n) for n in re.findall(r"(\d+) bytes stack frame", out.stderr)]
+            assert frames and max(frames) == 0, out.stderr[-2000:]
+
+
+def test_rocm_export_embeds_hsaco(tmp_path):
+    try:
+        toolchain.prepare_rocm()
+    except RuntimeError as err:
+        pytest.skip(str(err))
+    manifest = export("rocm-gfx942", [1024], ["float16"], tmp_path, log=lambda *_: None)
+    assert manifest["device_code"] == "hsaco"
+    blob = (tmp_path / "lntune.so").read_bytes()
+    assert b"amdgcn-amd-amdhsa" in blob and b"gfx942" in blob
+    assert b"\x7fELF" in blob[16:]  # the hsaco is an ELF inside the host library
+
+
+def test_export_rejects_a_bad_request(tmp_path):
+    with pytest.raises(ValueError, match="target must be one of"):
+        export("cuda-sm70", [768], ["float32"], tmp_path)
+    with pytest.raises(ValueError, match="dtype must be"):
+        export("llvm", [768], ["float64"], tmp_path)
+    with pytest.raises(ValueError, match="hidden must be"):
+        export("llvm", [0], ["float32"], tmp_path)
+    assert not (tmp_path / "lntune.so").exists()
+
+
+def test_cli_export_then_check(tmp_path, capsys):
+    assert (
+        main(["export", "--target", "llvm", "--hidden", "64,96", "--dtype", "float32,float16", "-o", str(tmp_path)])
+        == 0
+    )
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["target"] == "llvm" and manifest["tvm_version"] == tvm.__version__
+    assert all(v["schedule"] == "baseline" for v in manifest["variants"])
+    assert main(["check", str(tmp_path), "--rows", "1,17"]) == 0
+    out = capsys.readouterr().out
+    assert "64 passed, 0 failed" in out  # 2 sizes x 2 dtypes x 2 row counts x 8 outputs
+
+
+def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
+    assert main(["export", "--target", "nope", "--hidden", "64", "-o", str(tmp_path)]) == 2
+    assert "error: target must be one of" in capsys.readouterr().err
+    assert main(["check", str(tmp_path / "missing")]) == 2
+
+
+def test_targets_lists_the_registry(capsys):
+    assert main(["targets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("llvm", "cuda-sm80", "cuda-sm90", "rocm-gfx90a", "rocm-gfx942"):
+        assert name in out

@@ -1,0 +1,86 @@
+"""The runner's API: kinds of input, M = 0, and clear errors before any kernel runs."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import lntune
+from te_ops import reference
+
+
+def _inputs(rows=5, hidden=128, dtype=np.float32):
+    rng = np.random.default_rng()
+    x = (rng.standard_normal((rows, hidden)) + 1).astype(dtype)
+    gamma, beta = (rng.standard_normal(hidden).astype(dtype) for _ in range(2))
+    return x, gamma, beta
+
+
+def test_load_accepts_directory_or_library_file(llvm_library):
+    again = lntune.load(llvm_library.directory / "lntune.so")
+    assert again.variants == llvm_library.variants
+
+
+def test_load_missing_directory_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="lntune export"):
+        lntune.load(tmp_path)
+
+
+def test_numpy_in_numpy_out_bfloat16(llvm_library):
+    x, gamma, beta = _inputs(dtype=ml_dtypes.bfloat16)
+    y, mean, rstd = llvm_library.forward(x, gamma, beta)
+    assert isinstance(y, np.ndarray) and y.dtype == ml_dtypes.bfloat16 and mean.dtype == np.float32
+    assert reference.rel_error(y, reference.forward(x, gamma, beta, 1e-5)[0]) < reference.TOLERANCE["bfloat16"]
+
+
+def test_zero_rows_return_empty_outputs(llvm_library):
+    x, gamma, beta = _inputs(rows=0)
+    y, mean, rstd = llvm_library.forward(x, gamma, beta)
+    assert y.shape == (0, 128) and mean.shape == (0,) and rstd.shape == (0,)
+    mean, rstd = llvm_library.forward_stats(x)
+    assert mean.shape == (0,)
+    dx, dgamma, dbeta = llvm_library.backward(x, x, mean, rstd, gamma)
+    assert dx.shape == (0, 128)
+    assert np.array_equal(dgamma, np.zeros(128, np.float32)) and np.array_equal(dbeta, np.zeros(128, np.float32))
+
+
+def test_eps_is_a_runtime_argument(llvm_library):
+    x, gamma, beta = _inputs()
+    for eps in (1e-5, 0.5):
+        _, rstd = llvm_library.forward_stats(x, eps=eps)
+        assert reference.rel_error(rstd, reference.forward_stats(x, eps)[1]) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (lambda a: {**a, "x": a["x"].astype(np.float64)}, ValueError, "no variant for hidden=128, dtype=float64"),
+        (lambda a: {**a, "x": a["x"][0]}, ValueError, "x must be 2-D"),
+        (lambda a: {**a, "x": np.zeros((5, 99), np.float32)}, ValueError, "no variant for hidden=99"),
+        (lambda a: {**a, "x": np.asfortranarray(a["x"])}, ValueError, "x must be C-contiguous"),
+        (lambda a: {**a, "gamma": a["gamma"][:64]}, ValueError, r"gamma must have shape \(128,\)"),
+        (lambda a: {**a, "beta": a["beta"].astype(np.float16)}, ValueError, "beta must have dtype float32"),
+        (lambda a: {**a, "x": a["x"].tolist()}, TypeError, "numpy arrays, torch tensors or tvm tensors"),
+        (lambda a: {**a, "eps": 0.0}, ValueError, "eps must be a finite float > 0"),
+        (lambda a: {**a, "eps": float("nan")}, ValueError, "eps must be a finite float > 0"),
+    ],
+)
+def test_forward_rejects_bad_input(llvm_library, change, error, message):
+    x, gamma, beta = _inputs()
+    args = change({"x": x, "gamma": gamma, "beta": beta, "eps": 1e-5})
+    with pytest.raises(error, match=message):
+        llvm_library.forward(**args)
+
+
+def test_backward_rejects_wrong_statistics_without_touching_inputs(llvm_library):
+    x, gamma, beta = _inputs()
+    _, mean, rstd = llvm_library.forward(x, gamma, beta)
+    dy = x.copy()
+    before = [a.copy() for a in (dy, x, mean, rstd, gamma)]
+    with pytest.raises(ValueError, match=r"mean must have shape \(5,\)"):
+        llvm_library.backward(dy, x, mean[:4], rstd, gamma)
+    with pytest.raises(ValueError, match="rstd must have dtype float32"):
+        llvm_library.backward(dy, x, mean, rstd.astype(np.float64), gamma)
+    with pytest.raises(ValueError, match=r"x must have shape \(5, 128\)"):
+        llvm_library.backward(dy, x[:3], mean, rstd, gamma)
+    for a, b in zip(before, (dy, x, mean, rstd, gamma)):
+        assert np.array_equal(a, b)

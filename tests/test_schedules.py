@@ -1,0 +1,149 @@
+"""Design spaces, baselines on every target family, and the schedule chooser."""
+
+import warnings
+
+import pytest
+import tvm
+import tvm_ffi
+
+from lntune.build import kernels_for
+from schedules import database, spaces
+from schedules.knobs import Fixed, Sampled, decisions_of
+from schedules.targets import TARGETS, get_target
+from te_ops.layer_norm import Kernel
+
+GPU_TARGETS = [t for t in TARGETS if t != "llvm"]
+
+
+@pytest.mark.parametrize("target_name", GPU_TARGETS)
+@pytest.mark.parametrize("hidden,dtype", [(768, "bfloat16"), (4096, "float32"), (16384, "float16")])
+def test_baselines_build_for_every_gpu_target(target_name, hidden, dtype):
+    """Scheduled, lowered and code-generated (no device needed): the GPU code passes TVM's checks."""
+    target = get_target(target_name)
+    if target.family == "rocm":
+        pytest.importorskip("tvm")
+        from lntune import toolchain
+
+        try:
+            toolchain.prepare_rocm()
+        except RuntimeError as err:
+            pytest.skip(str(err))
+    mod = tvm.IRModule()
+    for kernel in kernels_for(hidden, dtype, target):
+        mod[kernel.name] = database.scheduled(kernel, target, database.baseline_knobs(kernel, target))
+    lib = tvm.compile(mod, target=tvm.target.Target(target.spec, host="llvm"))
+    assert lib.mod.imports, "no device module"
+
+
+@pytest.mark.parametrize("op", ["forward", "forward_stats", "backward", "backward_sum"])
+def test_design_space_traces_replay(op):
+    """A sampled design space yields traces whose decisions replay onto a fresh schedule."""
+    target = get_target("cuda-sm90")
+    kernel = Kernel(op, 2048, "bfloat16", 264 if op.startswith("backward") else 0)
+    for structure in spaces.structures(kernel, target):
+        sch = tvm.s_tir.Schedule(database.workload(kernel, target)["main"], seed=7)
+        spaces.apply(sch, kernel, target, Sampled(structure))
+        trace = sch.trace.simplified(remove_postproc=True)
+        fresh = tvm.s_tir.Schedule(database.workload(kernel, target)["main"])
+        trace.apply_to_schedule(fresh, remove_postproc=True)
+        assert tvm_ffi.structural_equal(fresh.mod, sch.mod)
+        assert all(isinstance(v, int) for v in decisions_of(sch.trace))
+
+
+def test_backward_space_has_one_design_per_structure():
+    target = get_target("cuda-sm90")
+    kernel = Kernel("backward", 1024, "float32", 264)
+    assert len(spaces.structures(kernel, target)) == 8
+    assert spaces.structures(Kernel("forward", 1024, "float32"), target) == [{}]
+
+
+def test_fixed_knobs_outside_candidates_fall_back():
+    target = get_target("cuda-sm90")
+    kernel = Kernel("forward", 1024, "float32")
+    fixed = Fixed({"threads": 999, "rows_per_block": 2})
+    spaces.apply(tvm.s_tir.Schedule(kernel.prim_func()), kernel, target, fixed)
+    assert fixed.used["rows_per_block"] == 2
+    assert fixed.used["threads"] in spaces.thread_candidates(kernel, target)
+
+
+def _write_database(folder, kernel, target, traced, seconds=1e-4, extra_lines=()):
+    """A real MetaSchedule JSON database in `folder` holding one record: `traced`'s trace."""
+    from tvm.s_tir import meta_schedule as ms
+
+    db = ms.database.JSONDatabase(work_dir=str(folder), module_equality="structural")
+    mod = database.workload(kernel, target)
+    workload = db.commit_workload(mod)
+    args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+    db.commit_tuning_record(ms.database.TuningRecord(traced.trace, workload, [seconds], target.tvm_target(), args))
+    records = folder / database.RECORDS
+    records.write_text("".join(extra_lines) + records.read_text())
+
+
+STRUCTURAL = ("cache_rows", "cache_gamma", "chunked")
+
+
+def _traced(kernel, target, knobs):
+    """A traced schedule of the design space whose decisions are `knobs`, as a tuned record holds."""
+    sch = tvm.s_tir.Schedule(database.workload(kernel, target)["main"])
+    spaces.apply(sch, kernel, target, Sampled({k: v for k, v in knobs.items() if k in STRUCTURAL}))
+    names = iter(n for n in spaces.knob_names(kernel, target) if n not in STRUCTURAL)
+    trace = sch.trace
+    for inst in trace.insts:
+        if inst.kind.name == "SampleCategorical" and len(inst.attrs[0]) > 1:
+            candidates = [int(c) for c in inst.attrs[0]]
+            trace = trace.with_decision(inst, candidates.index(knobs[next(names)]), True)
+    fresh = tvm.s_tir.Schedule(database.workload(kernel, target)["main"])
+    trace.apply_to_schedule(fresh, remove_postproc=False)
+    return fresh
+
+
+def test_chooser_prefers_a_tuned_record_and_falls_back(tmp_path):
+    target = get_target("cuda-sm90")
+    kernel = Kernel("backward", 4096, "float32", spaces.parts_for(target, 4096, "float32"))
+    wanted = {"cache_rows": 1, "cache_gamma": 0, "chunked": 1, "threads": 512, "unroll": 16}
+    _write_database(tmp_path, kernel, target, _traced(kernel, target, wanted))
+    records = database.read_records(tmp_path)
+    choice = database.choose(kernel, target, records, selection={})
+    assert choice.source.startswith("tuned:")
+    assert choice.knobs == wanted
+    other = Kernel("backward", 2048, "float32", spaces.parts_for(target, 2048, "float32"))
+    assert database.choose(other, target, records, selection={}).source == "baseline"
+    verdict = {kernel.name: {"choice": "baseline", "tuned_us": 2.0, "baseline_us": 1.0}}
+    assert database.choose(kernel, target, records, selection=verdict).source.startswith("baseline (tuned")
+
+
+def test_float16_takes_bfloat16_records_as_a_transfer(tmp_path):
+    target = get_target("cuda-sm90")
+    parts = spaces.parts_for(target, 1024, "bfloat16")
+    bf16 = Kernel("backward", 1024, "bfloat16", parts)
+    wanted = {"cache_rows": 1, "cache_gamma": 1, "chunked": 0, "threads": 64, "unroll": 512}
+    _write_database(tmp_path, bf16, target, _traced(bf16, target, wanted))
+    choice = database.choose(Kernel("backward", 1024, "float16", parts), target, database.read_records(tmp_path), {})
+    assert choice.source.startswith("transfer:bfloat16") and choice.knobs == wanted
+
+
+def test_damaged_database_line_warns_and_keeps_the_rest(tmp_path):
+    target = get_target("cuda-sm90")
+    kernel = Kernel("forward", 1024, "float32")
+    wanted = {"threads": 128, "rows_per_block": 2, "unroll": 16}
+    sch = tvm.s_tir.Schedule(database.workload(kernel, target)["main"])
+    spaces.apply(sch, kernel, target, Fixed(wanted))
+    _write_database(tmp_path, kernel, target, sch, extra_lines=['[0, [[["GetSBlock"\n', "not json at all\n"])
+    with pytest.warns(UserWarning, match=r"database_tuning_record.json:1: skipped a damaged line"):
+        records = database.read_records(tmp_path)
+    assert len(records) == 1
+
+
+def test_committed_cuda_logs_give_tuned_backward_kernels():
+    """The committed tuning logs are read, and every record fits today's design space."""
+    target = get_target("cuda-sm90")
+    records = database.read_records(database.TUNING_LOGS / target.name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sources = [
+            database.choose(k, target, records, selection={}).source
+            for n in (768, 4096, 16384)
+            for k in kernels_for(n, "float32", target)
+            if k.op == "backward"
+        ]
+    assert all(s.startswith("tuned:") for s in sources), sources

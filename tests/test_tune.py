@@ -1,0 +1,36 @@
+"""The tuning driver end to end on the CPU: MetaSchedule measures our design space, writes and prunes
+its database, resumes from it, and export then uses the tuned record."""
+
+import json
+
+from lntune.build import export
+from schedules import database
+from schedules.targets import get_target
+from schedules.tune import prune, summarize, tune
+from te_ops.layer_norm import Kernel
+
+
+def test_tune_writes_records_that_export_uses(tmp_path):
+    target = get_target("llvm")
+    kernel = Kernel("forward_stats", 64, "float32")
+    log_dir = tmp_path / "llvm"
+    tune([kernel], target, 2, log_dir=log_dir, workers=1, seed=1)
+    records = database.read_records(log_dir)
+    assert database.workload_hash(kernel, target) in records
+    first = (log_dir / database.RECORDS).read_text().count("\n")
+    tune([kernel], target, 2, log_dir=log_dir, workers=1, seed=2)  # resumes: earlier records stay
+    assert (log_dir / database.RECORDS).read_text().count("\n") >= first
+    assert "forward_stats" in summarize([kernel], target, log_dir)
+    manifest = export("llvm", [64], ["float32"], tmp_path / "lib", logs_dir=tmp_path, log=lambda *_: None)
+    sources = {v["op"]: v["schedule"] for v in manifest["variants"]}
+    assert sources["forward_stats"].startswith("tuned:")
+    assert sources["forward"] == "baseline"
+
+
+def test_prune_keeps_the_fastest_records(tmp_path):
+    lines = [json.dumps([0, [[[], []], [s], {}, []]]) for s in (3e-4, 1e-4, 1e10, 2e-4, 5e-4)]
+    (tmp_path / database.WORKLOADS).write_text(json.dumps(["123", "w"]) + "\n")
+    (tmp_path / database.RECORDS).write_text("\n".join(lines) + "\n")
+    assert prune(tmp_path, keep=2) == (5, 2)
+    kept = [json.loads(line)[1][1][0] for line in (tmp_path / database.RECORDS).read_text().splitlines()]
+    assert kept == [1e-4, 2e-4]
