@@ -20,8 +20,10 @@ venv: $(STAMP)
 
 # ROCm export needs ld.lld and the ROCm device bitcode; install them when missing and apt is usable.
 toolchains:
-	@if ! command -v ld.lld >/dev/null && ! ls /usr/lib/llvm-*/bin/ld.lld >/dev/null 2>&1 || \
-	    ! ls /usr/lib/x86_64-linux-gnu/amdgcn/bitcode/ocml.bc /opt/rocm/amdgcn/bitcode/ocml.bc >/dev/null 2>&1; then \
+	@have_lld=no; have_bc=no; \
+	if command -v ld.lld >/dev/null || ls /usr/lib/llvm-*/bin/ld.lld >/dev/null 2>&1; then have_lld=yes; fi; \
+	if [ -f /usr/lib/x86_64-linux-gnu/amdgcn/bitcode/ocml.bc ] || [ -f /opt/rocm/amdgcn/bitcode/ocml.bc ]; then have_bc=yes; fi; \
+	if [ $$have_lld = no ] || [ $$have_bc = no ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing lld-19 and rocm-device-libs for ROCm export"; \
 	    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lld-19 rocm-device-libs >/dev/null; \
