@@ -11,6 +11,7 @@ import tvm
 from lntune import toolchain
 from lntune.build import export
 from lntune.cli import main
+from lntune.inspect import _cuda_source
 
 
 def test_cuda_export_embeds_device_code_and_it_compiles(tmp_path):
@@ -22,9 +23,8 @@ def test_cuda_export_embeds_device_code_and_it_compiles(tmp_path):
     kernels = set(re.findall(rb"lntune_\w+_kernel", blob))
     assert len(kernels) >= 16, kernels
     if manifest["device_code"] == "cuda-source":
-        source = blob[blob.index(b"#ifdef __CUDACC_RTC__") :]
-        source = source[: source.index(b"\x00")] if b"\x00" in source else source
-        assert b"__global__" in source
+        source = _cuda_source(blob)
+        assert source.count(b"__global__") >= 16
         if shutil.which("nvcc"):
             cu = tmp_path / "kernels.cu"
             cu.write_bytes(source)
@@ -96,3 +96,13 @@ def test_targets_lists_the_registry(capsys):
     out = capsys.readouterr().out
     for name in ("llvm", "cuda-sm80", "cuda-sm90", "rocm-gfx90a", "rocm-gfx942"):
         assert name in out
+
+
+def test_inspect_lists_every_kernel_with_its_resources(tmp_path, capsys):
+    export("cuda-sm90", [1024], ["bfloat16"], tmp_path, log=lambda *_: None)
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("lntune_")]
+    assert len(rows) == 4
+    if shutil.which("nvcc"):
+        assert all(line.split()[1].isdigit() and line.split()[2] == "0" for line in rows), out
