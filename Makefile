@@ -57,8 +57,8 @@ bench: export
 	$(PY) -m lntune bench $(BUILD)/$(TARGET)
 
 lint: venv
-	$(PY) -m ruff check lntune schedules te_ops tests
-	$(PY) -m ruff format --check lntune schedules te_ops tests
+	$(PY) -m ruff check lntune schedules te_ops tests examples
+	$(PY) -m ruff format --check lntune schedules te_ops tests examples
 
 clean:
 	rm -rf $(BUILD)

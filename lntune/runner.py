@@ -7,6 +7,7 @@ source needs the full TVM, which compiles it with NVRTC at load).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
@@ -147,6 +148,15 @@ class Library:
     def _back(self, kind: _Kind, value: Any):
         return value.numpy() if kind.is_numpy else value
 
+    @staticmethod
+    def _stream(kind: _Kind, sample: Any):
+        """Launch on torch's current CUDA stream when given CUDA torch tensors (else a no-op context)."""
+        if kind.is_torch and sample.device.type == "cuda":
+            import tvm_ffi
+
+            return tvm_ffi.use_torch_stream()
+        return contextlib.nullcontext()
+
     def kernel(self, op: str, hidden: int, dtype: str):
         """The raw compiled function of one kernel (arguments as in te_ops, outputs last)."""
         return self._function(op, hidden, dtype)
@@ -171,7 +181,8 @@ class Library:
         rstd = self._empty(kind, x, (rows,), STATS_DTYPE)
         if rows:
             args = [self._to_device(kind, a) for a in (x, gamma, beta)]
-            self._function("forward", hidden, info.dtype)(*args, eps, y, mean, rstd)
+            with self._stream(kind, x):
+                self._function("forward", hidden, info.dtype)(*args, eps, y, mean, rstd)
         return tuple(self._back(kind, t) for t in (y, mean, rstd))
 
     def forward_stats(self, x, eps: float = 1e-5):
@@ -183,7 +194,8 @@ class Library:
         mean = self._empty(kind, x, (rows,), STATS_DTYPE)
         rstd = self._empty(kind, x, (rows,), STATS_DTYPE)
         if rows:
-            self._function("forward_stats", hidden, info.dtype)(self._to_device(kind, x), eps, mean, rstd)
+            with self._stream(kind, x):
+                self._function("forward_stats", hidden, info.dtype)(self._to_device(kind, x), eps, mean, rstd)
         return tuple(self._back(kind, t) for t in (mean, rstd))
 
     def backward(self, dy, x, mean, rstd, gamma):
@@ -202,13 +214,14 @@ class Library:
         count = self.parts[(hidden, info.dtype)]
         parts = [tvm.runtime.empty((count, hidden), STATS_DTYPE, self.device) for _ in range(2)]
         args = [self._to_device(kind, a) for a in (dy, x, mean, rstd, gamma)]
-        if rows:
-            self._function("backward", hidden, info.dtype)(*args, dx, *parts)
-        else:
-            zeros = np.zeros((count, hidden), STATS_DTYPE)
-            for p in parts:
-                p.copyfrom(zeros)
-        self._function("backward_sum", hidden, info.dtype)(*parts, dgamma, dbeta)
+        with self._stream(kind, dy):
+            if rows:
+                self._function("backward", hidden, info.dtype)(*args, dx, *parts)
+            else:
+                zeros = np.zeros((count, hidden), STATS_DTYPE)
+                for p in parts:
+                    p.copyfrom(zeros)
+            self._function("backward_sum", hidden, info.dtype)(*parts, dgamma, dbeta)
         return tuple(self._back(kind, t) for t in (dx, dgamma, dbeta))
 
 
