@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 from pathlib import Path
@@ -60,6 +62,29 @@ def tune(
     """Tune `kernels`, appending to (and resuming from) the JSON database in `log_dir`."""
     log_dir = Path(log_dir or TUNING_LOGS / target.name)
     log_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive(log_dir):
+        _tune(kernels, target, trials_per_kernel, log_dir, workers, builder_timeout, runner, seed)
+        prune(log_dir)
+    return log_dir
+
+
+@contextlib.contextmanager
+def exclusive(log_dir: Path):
+    """Hold an exclusive lock on a tuning database; a second tuning run on it is refused at once."""
+    handle = (log_dir / ".lock").open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RuntimeError(f"{log_dir} is being tuned by another process; wait for it or use --log-dir") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def _tune(kernels, target, trials_per_kernel, log_dir, workers, builder_timeout, runner, seed) -> None:
     database = ms.database.JSONDatabase(work_dir=str(log_dir), module_equality="structural")
     tasks = [tune_context(k, target, seed) for k in kernels]
     per_iter = min(32, trials_per_kernel)
@@ -85,8 +110,6 @@ def tune(
         measure_callbacks="default",
         task_scheduler="round-robin",
     )
-    prune(log_dir)
-    return log_dir
 
 
 def kernel_bytes(kernel: Kernel, rows: int) -> int:
