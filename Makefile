@@ -18,16 +18,19 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# ROCm export needs ld.lld and the ROCm device bitcode; install them when missing and apt is usable.
+# ROCm export needs ld.lld and the ROCm device bitcode, ISA checks llvm-objdump 17+; installed when
+# missing and apt is usable.
 toolchains:
-	@have_lld=no; have_bc=no; \
+	@have_lld=no; have_bc=no; have_objdump=no; \
 	if command -v ld.lld >/dev/null || ls /usr/lib/llvm-*/bin/ld.lld >/dev/null 2>&1; then have_lld=yes; fi; \
 	if [ -f /usr/lib/x86_64-linux-gnu/amdgcn/bitcode/ocml.bc ] || [ -f /opt/rocm/amdgcn/bitcode/ocml.bc ]; then have_bc=yes; fi; \
-	if [ $$have_lld = no ] || [ $$have_bc = no ]; then \
+	for f in /usr/lib/llvm-*/bin/llvm-objdump; do case $$f in */llvm-1[7-9]/*|*/llvm-2[0-9]/*) have_objdump=yes;; esac; done; \
+	if [ $$have_lld = no ] || [ $$have_bc = no ] || [ $$have_objdump = no ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing lld-19 and rocm-device-libs for ROCm export"; \
-	    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lld-19 rocm-device-libs >/dev/null; \
-	  else echo "note: ROCm export needs lld-19 and rocm-device-libs (apt-get install lld-19 rocm-device-libs)"; fi; \
+	    echo "installing lld-19, llvm-19 and rocm-device-libs for ROCm export and inspection"; \
+	    apt-get update -qq >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lld-19 llvm-19 rocm-device-libs >/dev/null; \
+	  else echo "note: ROCm export needs lld-19 and rocm-device-libs, inspection llvm-19 (apt-get install ...)"; fi; \
 	fi
 
 run: venv toolchains

@@ -75,6 +75,8 @@ def inspect_library(path: Path) -> str:
     manifest = json.loads((directory / MANIFEST).read_text())
     resources: dict[str, dict[str, int]] = {}
     note = ""
+    if manifest["device"] == "rocm":
+        return _rocm_table(directory, manifest)
     if manifest["device"] == "cuda":
         source = _cuda_source((directory / LIBRARY).read_bytes())
         if source is None:
@@ -93,4 +95,25 @@ def inspect_library(path: Path) -> str:
         spill = r.get("spill_stores", 0) + r.get("spill_loads", 0) if r else "-"
         source = v["schedule"].split(":")[0]
         lines.append(f"{v['function']:<42} {regs:>4} {stack:>5} {spill:>5}  {source} {v['knobs']}")
+    return "\n".join(lines)
+
+
+def _rocm_table(directory: Path, manifest: dict) -> str:
+    from lntune import isa
+
+    facts = isa.library_facts(directory / LIBRARY, manifest["target_spec"]["mcpu"])
+    lines = [
+        f"{manifest['target']} library, device code: {manifest['device_code']}",
+        f"{'kernel':<42} {'vgpr':>4} {'sgpr':>4} {'lds':>6} {'scratch':>7} {'spills':>6} {'x4 loads':>8} "
+        f"{'waves/SIMD':>10}  schedule",
+    ]
+    for v in manifest["variants"]:
+        f = facts.get(v["function"], {})
+        spills = f.get("vgpr_spills", 0) + f.get("sgpr_spills", 0)
+        lines.append(
+            f"{v['function']:<42} {f.get('vgpr', '-'):>4} {f.get('sgpr', '-'):>4} {f.get('lds', '-'):>6} "
+            f"{f.get('private', '-'):>7} {spills:>6} {f.get('dwordx4_loads', '-'):>8} "
+            f"{f.get('waves_per_simd', '-'):>10}"
+            f"  {v['schedule'].split(':')[0]}"
+        )
     return "\n".join(lines)

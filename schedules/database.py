@@ -173,6 +173,8 @@ def choose(
     if record is None and records and kernel.dtype in TWIN_DTYPES:
         twin = replace(kernel, dtype=TWIN_DTYPES[kernel.dtype])
         record, prefix = records.get(workload_hash(twin, target)), f"transfer:{twin.dtype}"
+    if record is None and target.family == "rocm":
+        return _from_cuda(kernel, target)
     if record is None:
         return Choice(baseline_knobs(kernel, target), "baseline")
     knobs = _knobs_of(kernel, target, record.decisions, dict(record.structure))
@@ -183,6 +185,24 @@ def choose(
         )
         return Choice(baseline_knobs(kernel, target), "baseline")
     return Choice(knobs, f"{prefix}:{record.workload_hash}:line{record.line}:{record.seconds * 1e6:.1f}us")
+
+
+CUDA_SOURCE_OF_ROCM = "cuda-sm90"
+
+
+def _from_cuda(kernel: Kernel, target: TargetInfo) -> Choice:
+    """A ROCm kernel without records starts from the CUDA-tuned knobs of the same op, N and dtype,
+    mapped onto the ROCm space (values outside its candidates take the ROCm default). Untimed."""
+    from schedules.targets import get_target
+
+    cuda = get_target(CUDA_SOURCE_OF_ROCM)
+    twin = replace(kernel, parts=spaces.parts_for(cuda, kernel.hidden, kernel.dtype)) if kernel.parts else kernel
+    chosen = choose(twin, cuda)
+    if chosen.source.startswith("baseline"):
+        return Choice(baseline_knobs(kernel, target), "baseline")
+    fixed = Fixed({**spaces.default_knobs(kernel, target), **chosen.knobs})
+    spaces.apply(tvm.s_tir.Schedule(kernel.prim_func()), kernel, target, fixed)
+    return Choice(fixed.used, f"transfer:{cuda.name}:untimed:{chosen.source}")
 
 
 def _knobs_of(kernel: Kernel, target: TargetInfo, decisions: tuple[int, ...], structure: dict) -> dict | None:
