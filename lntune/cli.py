@@ -50,17 +50,52 @@ def cmd_tune(args) -> int:
     import logging
 
     from lntune.build import kernels_for
+    from schedules import rpc
+    from schedules.database import TUNING_LOGS
     from schedules.targets import get_target
-    from schedules.tune import summarize, tune
+    from schedules.tune import EVALUATOR, summarize, tune
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     target = get_target(args.target)
     kernels = [k for n in args.hidden for d in args.dtype for k in kernels_for(n, d, target) if k.op in args.ops]
-    log_dir = tune(
-        kernels, target, args.trials, log_dir=args.log_dir, workers=args.workers, builder_timeout=args.builder_timeout
-    )
+    log_dir = Path(args.log_dir or TUNING_LOGS / target.name)
+    options = dict(log_dir=log_dir, workers=args.workers, builder_timeout=args.builder_timeout)
+    gpus = _local_gpus(args.local_gpus) if args.local_gpus else None
+    servers = len(gpus) if gpus else args.local_servers
+    if servers:
+        with rpc.local_rpc(servers, args.rpc_key, log_dir / "rpc", gpus) as tracker:
+            tune(
+                kernels,
+                target,
+                args.trials,
+                runner=rpc.rpc_runner(tracker, args.rpc_key, EVALUATOR, servers),
+                **options,
+            )
+        print(f"measurements per RPC server: {rpc.measurements_per_server(log_dir / 'rpc')}")
+    elif args.rpc_tracker:
+        runner = rpc.rpc_runner(args.rpc_tracker, args.rpc_key, EVALUATOR, args.rpc_workers)
+        tune(kernels, target, args.trials, runner=runner, **options)
+    else:
+        tune(kernels, target, args.trials, **options)
     print(summarize(kernels, target, log_dir))
     return 0
+
+
+def _local_gpus(text: str) -> list[int]:
+    """GPU indices from "all" (every GPU nvidia-smi or rocm-smi lists) or "0,1,..."."""
+    import subprocess
+
+    if text != "all":
+        return _ints(text)
+    for command in (["nvidia-smi", "-L"], ["rocm-smi", "--showid"]):
+        try:
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            continue
+        count = sum(line.startswith("GPU") for line in out.splitlines())
+        if count:
+            return list(range(count))
+    raise ValueError("--local-gpus all: no GPU found (nvidia-smi and rocm-smi list none)")
 
 
 def cmd_select(args) -> int:
@@ -112,6 +147,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--log-dir", type=Path, default=None, help="database folder (default tuning_logs/<target>)")
     t.add_argument("--workers", type=int, default=None, help="builder processes (default: all cores)")
     t.add_argument("--builder-timeout", type=float, default=120.0, help="seconds per candidate build")
+    t.add_argument("--rpc-tracker", default=None, help="HOST:PORT of a TVM RPC tracker to measure through")
+    t.add_argument("--rpc-key", default="lntune", help="device key the RPC servers registered with")
+    t.add_argument("--rpc-workers", type=int, default=1, help="concurrent RPC measurements (servers to use)")
+    t.add_argument("--local-gpus", default=None, help="'all' or 0,1,...: start a tracker and a server per GPU")
+    t.add_argument("--local-servers", type=int, default=0, help="start a tracker and N local servers (CPU)")
     t.set_defaults(func=cmd_tune)
 
     s = sub.add_parser("select", help="keep tuned records only where they beat the baseline as exported")

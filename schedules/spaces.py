@@ -178,8 +178,7 @@ def rowwise(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, knobs) -> N
         _spread_row(sch, sch.get_sblock(name), threads, vec, vectorize=False, gpu=gpu)
     if kernel.op == "forward":
         _store_row(sch, "y", row, threads, vec, gpu, units=kernel.hidden)
-    if gpu:
-        _unroll(sch, row_block, knobs, kernel)
+    _unroll(sch, row_block, knobs, kernel)  # on CPUs too: the loop bodies over N unroll (or not)
 
 
 def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, knobs) -> None:

@@ -34,3 +34,41 @@ def test_prune_keeps_the_fastest_records(tmp_path):
     assert prune(tmp_path, keep=2) == (5, 2)
     kept = [json.loads(line)[1][1][0] for line in (tmp_path / database.RECORDS).read_text().splitlines()]
     assert kept == [1e-4, 2e-4]
+
+
+def test_tuning_through_an_rpc_tracker_uses_both_servers(tmp_path, capsys):
+    """A tracker and two servers on loopback measure one job: every trial recorded once, both used."""
+    from lntune.cli import main
+    from schedules.rpc import measurements_per_server
+
+    log_dir = tmp_path / "llvm"
+    argv = [
+        "tune",
+        "--target",
+        "llvm",
+        "--hidden",
+        "64",
+        "--dtype",
+        "float32",
+        "--ops",
+        "forward_stats",
+        "--trials",
+        "4",
+        "--workers",
+        "1",
+        "--local-servers",
+        "2",
+        "--log-dir",
+        str(log_dir),
+    ]
+    assert main(argv) == 0
+    per_server = measurements_per_server(log_dir / "rpc")
+    assert len(per_server) == 2 and all(n >= 1 for n in per_server), per_server
+    kernel = Kernel("forward_stats", 64, "float32")
+    records = (log_dir / database.RECORDS).read_text().splitlines()
+    assert 1 <= len(records) <= 3  # pruned to the best 3 of the measured trials
+    assert sum(per_server) >= 4  # each trial measured once; none lost
+    assert database.workload_hash(kernel, get_target("llvm")) in database.read_records(log_dir)
+    assert "measurements per RPC server" in capsys.readouterr().out
+    manifest = export("llvm", [64], ["float32"], tmp_path / "lib", logs_dir=tmp_path, log=lambda *_: None)
+    assert {v["op"]: v["schedule"] for v in manifest["variants"]}["forward_stats"].startswith("tuned:")
