@@ -105,7 +105,7 @@ def _rocm_table(directory: Path, manifest: dict) -> str:
     lines = [
         f"{manifest['target']} library, device code: {manifest['device_code']}",
         f"{'kernel':<42} {'vgpr':>4} {'sgpr':>4} {'lds':>6} {'scratch':>7} {'spills':>6} {'x4 loads':>8} "
-        f"{'waves/SIMD':>10}  schedule",
+        f"{'waves/SIMD':>10} {'groups/CU':>9}  schedule",
     ]
     for v in manifest["variants"]:
         f = facts.get(v["function"], {})
@@ -113,7 +113,7 @@ def _rocm_table(directory: Path, manifest: dict) -> str:
         lines.append(
             f"{v['function']:<42} {f.get('vgpr', '-'):>4} {f.get('sgpr', '-'):>4} {f.get('lds', '-'):>6} "
             f"{f.get('private', '-'):>7} {spills:>6} {f.get('dwordx4_loads', '-'):>8} "
-            f"{f.get('waves_per_simd', '-'):>10}"
+            f"{f.get('waves_per_simd', '-'):>10} {f.get('groups_per_cu', '-'):>9}"
             f"  {v['schedule'].split(':')[0]}"
         )
     return "\n".join(lines)

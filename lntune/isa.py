@@ -47,7 +47,9 @@ _FIELDS = {
     "private": r"\.private_segment_fixed_size:\s+(\d+)",
     "vgpr_spills": r"\.vgpr_spill_count:\s+(\d+)",
     "sgpr_spills": r"\.sgpr_spill_count:\s+(\d+)",
+    "threads": r"\.max_flat_workgroup_size:\s+(\d+)",
 }
+SIMDS_PER_CU = 4
 
 
 def kernel_facts(code_object: bytes, mcpu: str) -> dict[str, dict[str, int]]:
@@ -73,6 +75,8 @@ def kernel_facts(code_object: bytes, mcpu: str) -> dict[str, dict[str, int]]:
         f.setdefault("dwordx4_loads", 0)
         allocated = max(8, -(-f["vgpr"] // 8) * 8)
         f["waves_per_simd"] = min(MAX_WAVES_PER_SIMD, VGPRS_PER_SIMD_LANE // allocated)
+        # Workgroups resident per CU as the VGPRs allow (LDS is far from binding for these kernels).
+        f["groups_per_cu"] = f["waves_per_simd"] * SIMDS_PER_CU // max(1, -(-f["threads"] // 64))
     return facts
 
 
