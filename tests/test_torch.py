@@ -97,3 +97,10 @@ def test_train_tiny_example_runs_and_learns():
     losses = [float(line.split()[4]) for line in out.stdout.splitlines() if line.startswith("step")]
     assert len(losses) >= 2 and losses[-1] < losses[0]
     assert "ms per step" in out.stdout
+
+
+def test_tensors_on_another_device_are_refused(llvm_library):
+    x = torch.empty(4, 128, device="meta")
+    w = torch.empty(128, device="meta")
+    with pytest.raises(ValueError, match="x is on meta, but this library runs on cpu"):
+        llvm_library.forward(x, w, w)
