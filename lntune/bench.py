@@ -14,8 +14,6 @@ import datetime
 import statistics
 from pathlib import Path
 
-import numpy as np
-
 from lntune.runner import STATS_DTYPE, load
 from te_ops import reference
 
@@ -360,4 +358,4 @@ def main(args) -> int:
     return 0
 
 
-__all__ = ["main", "plot", "write_markdown", "np"]
+__all__ = ["main", "plot", "write_markdown"]

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from tvm import s_tir
 from tvm.tirx import ForKind, IntImm
 
-from schedules.knobs import Fixed, annotate_unroll
+from schedules.knobs import Recorder, annotate_unroll
 from schedules.targets import TargetInfo
 from te_ops.layer_norm import Kernel
 
@@ -144,7 +144,7 @@ def _store_row(
         _spread_row(sch, block, threads, vec, vectorize=True, gpu=gpu, units=units, chunked=chunked)
 
 
-def _unroll(sch: s_tir.Schedule, loop, knobs, kernel: Kernel) -> None:
+def _unroll(sch: s_tir.Schedule, loop, knobs) -> None:
     annotate_unroll(sch, loop, knobs.pick(sch, "unroll", UNROLL_STEPS))
 
 
@@ -178,7 +178,7 @@ def rowwise(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, knobs) -> N
         _spread_row(sch, sch.get_sblock(name), threads, vec, vectorize=False, gpu=gpu)
     if kernel.op == "forward":
         _store_row(sch, "y", row, threads, vec, gpu, units=kernel.hidden)
-    _unroll(sch, row_block, knobs, kernel)  # on CPUs too: the loop bodies over N unroll (or not)
+    _unroll(sch, row_block, knobs)  # on CPUs too: the loop bodies over N unroll (or not)
 
 
 def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, knobs) -> None:
@@ -244,7 +244,7 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     for acc in accumulators:
         sch.decompose_reduction(acc, sch.get_loops(acc)[1])
     if gpu:
-        _unroll(sch, chunk, knobs, kernel)
+        _unroll(sch, chunk, knobs)
 
 
 def partials_sum(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, knobs) -> None:
@@ -263,7 +263,7 @@ def partials_sum(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, knobs)
         sch.compute_at(sch.get_sblock(name), inner)
         sch.set_scope(sch.get_sblock(name), 0, "local")
     if gpu:
-        _unroll(sch, outer, knobs, kernel)
+        _unroll(sch, outer, knobs)
 
 
 SPACES = {"forward": rowwise, "forward_stats": rowwise, "backward": one_pass_backward, "backward_sum": partials_sum}
@@ -309,12 +309,10 @@ def default_knobs(kernel: Kernel, target: TargetInfo) -> dict[str, int]:
 
 def knob_names(kernel: Kernel, target: TargetInfo) -> Sequence[str]:
     """The knobs of a kernel's design space, in the order its schedule function picks them."""
-    from schedules.knobs import Recorder
-
     recorder = Recorder()
     sch = s_tir.Schedule(kernel.prim_func())
     apply(sch, kernel, target, recorder)
     return recorder.order
 
 
-__all__ = ["Fixed", "apply", "knob_names", "parts_for", "thread_candidates", "vector_width"]
+__all__ = ["apply", "default_knobs", "knob_names", "parts_for", "structures", "thread_candidates", "vector_width"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import tvm
 
@@ -19,7 +19,6 @@ class TargetInfo:
     shared_bytes: int = 0
     cores: int = 1  # SMs or CUs; sets the number of row chunks (partials) in the backward
     notes: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def is_gpu(self) -> bool:
