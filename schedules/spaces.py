@@ -22,7 +22,8 @@ from schedules.targets import TargetInfo
 from te_ops.layer_norm import Kernel
 
 ROWS_PER_BLOCK = (1, 2, 4, 8)
-SUM_THREADS = (64, 128, 256, 512)
+SUM_COLUMNS = (32, 64, 128, 256)
+SUM_LANES = (1, 2, 4, 8, 16, 32)  # columns x lanes > max_threads is rejected by VerifyGPUCode
 UNROLL_STEPS = (0, 16, 64, 512)
 CPU_VECTOR_BYTES = 32
 
@@ -191,13 +192,14 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     """
     gpu = target.is_gpu
     vec = vector_width(kernel, target)
-    cache_rows = knobs.structural(sch, "cache_rows", (1, 0))
-    cache_gamma = knobs.structural(sch, "cache_gamma", (1, 0))
+    cacheable = (0,) if _legalized_bf16(kernel, target) and gpu else (1, 0)
+    cache_rows = knobs.structural(sch, "cache_rows", cacheable)
+    cache_gamma = knobs.structural(sch, "cache_gamma", cacheable)
     chunked = knobs.structural(sch, "chunked", (0, 1))
     threads = 1
     if gpu:
         threads = knobs.pick(sch, "threads", thread_candidates(kernel, target, max_per_thread=32 if cache_rows else 64))
-    row_nests = [sch.split(sch.get_loops(sch.get_sblock(b))[0], [kernel.parts, None]) for b in ("c1", "c2", "dx")]
+    row_nests = [sch.split(sch.get_loops(sch.get_sblock(b))[0], [kernel.parts, None]) for b in ("c", "dx")]
     accumulators, write_backs = [], []
     for name in ("dgamma_part", "dbeta_part"):
         # The original block now accumulates in registers; the returned one writes them back.
@@ -212,8 +214,8 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     row = sch.merge(*[n[1] for n in row_nests])
     for write_back in write_backs:
         sch.reverse_compute_at(write_back, chunk)
-    for name in ("c1", "c2"):
-        sch.set_scope(sch.get_sblock(name), 0, "local")
+    for index in (0, 1):  # c1, c2
+        sch.set_scope(sch.get_sblock("c"), index, "local")
     dx = sch.get_sblock("dx")
     caches = []
     # Every reader of x, dy and gamma shares its cache, so no consumer_blocks: trace simplification
@@ -236,8 +238,7 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     _store_row(sch, "dx", row, threads, vec, **spread)
     for block in accumulators:
         _spread_row(sch, block, threads, vec, vectorize=True, lanes=4, **spread)
-    for name in ("c1", "c2"):
-        _spread_row(sch, sch.get_sblock(name), threads, vec, vectorize=False, **spread)
+    _spread_row(sch, sch.get_sblock("c"), threads, vec, vectorize=False, **spread)
     for write_back in write_backs:
         _spread_row(sch, write_back, threads, vec, vectorize=True, lanes=4, **spread)
     # Decompose last: binding a loop of a decomposed reduction fails ("compact dataflow").
@@ -245,12 +246,53 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
         sch.decompose_reduction(acc, sch.get_loops(acc)[1])
     if gpu:
         _unroll(sch, chunk, knobs)
+    elif kernel.dtype == "bfloat16":
+        unbind_pair_reduction(sch)
+
+
+def _legalized_bf16(kernel: Kernel, target: TargetInfo) -> bool:
+    """bfloat16 emulated in float32 (CPUs, ROCm): TVM 0.27's bf16 legalization leaves loads of a
+    local bf16 buffer inside the pair reduction's Bind statements unrewritten, and the build fails
+    ("Load/Store of buffer dy_local occurred before its declaration")."""
+    return kernel.dtype == "bfloat16" and target.family != "cuda"
+
+
+def unbind_pair_reduction(sch: s_tir.Schedule) -> None:
+    """Rewrite block "c" from `v0 = c1 + a; v1 = c2 + b; c1 = v0; c2 = v1` to `c1 = c1 + a; c2 = c2 + b`.
+
+    The Bind form is what GPU cross-thread reduction needs, and what breaks bf16 legalization
+    (_legalized_bf16); a CPU reduces within a thread, so there it takes the Bind-free form (the two
+    updates read disjoint buffers, so the order does not matter). Not a traced primitive: tuning
+    applies it again as a postprocessor (schedules.tune).
+    """
+    from tvm import tirx
+
+    rv = sch.get_sblock("c")
+    block = sch.get(rv)
+    if not any(isinstance(stmt, tirx.stmt.Bind) for stmt in block.body.seq):
+        return
+    bound = {stmt.var: stmt.value for stmt in block.body.seq if isinstance(stmt, tirx.stmt.Bind)}
+    stores = [
+        tirx.BufferStore(stmt.buffer, bound[stmt.value], stmt.indices)
+        for stmt in block.body.seq
+        if isinstance(stmt, tirx.BufferStore)
+    ]
+    fields = ("iter_vars", "reads", "writes", "name_hint")
+    rest = ("init", "alloc_buffers", "match_buffers", "annotations")
+    new = s_tir.SBlock(*(getattr(block, f) for f in fields), tirx.SeqStmt(stores), *(getattr(block, f) for f in rest))
+    sch.state.replace(sch.get_sref(rv), new, {block: new})
 
 
 def partials_sum(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, knobs) -> None:
-    """dgamma/dbeta from [P, N] partials: columns across threads (coalesced), P summed in order."""
+    """dgamma/dbeta from [P, N] partials: columns across threadIdx.x (coalesced), P split over
+    threadIdx.y lanes, each summing its share serially before one tree reduction across the lanes.
+
+    With the P rows on one thread, a short row (N = 1024 gives 1024 threads in all) leaves the GPU
+    idle while each thread walks P dependent loads; the lanes multiply the loads in flight. The
+    order of additions is fixed by the schedule, so the result is deterministic.
+    """
     gpu = target.is_gpu
-    width = knobs.pick(sch, "threads", SUM_THREADS) if gpu else vector_width(kernel, target)
+    width = knobs.pick(sch, "threads", SUM_COLUMNS) if gpu else vector_width(kernel, target)
     splits = [sch.split(sch.get_loops(sch.get_sblock(b))[0], [None, width]) for b in ("dgamma", "dbeta")]
     outer = sch.merge(*[s[0] for s in splits])
     inner = sch.merge(*[s[1] for s in splits])
@@ -259,9 +301,14 @@ def partials_sum(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, knobs)
         sch.bind(inner, "threadIdx.x")
     else:
         sch.parallel(outer)
+    lanes = knobs.pick(sch, "lanes", SUM_LANES) if gpu else 1
     for name in ("dgamma_acc", "dbeta_acc"):
-        sch.compute_at(sch.get_sblock(name), inner)
-        sch.set_scope(sch.get_sblock(name), 0, "local")
+        block = sch.get_sblock(name)
+        sch.compute_at(block, inner)
+        sch.set_scope(block, 0, "local")
+        if gpu:
+            lane, _ = sch.split(sch.get_loops(block)[-1], [lanes, None])
+            sch.bind(lane, "threadIdx.y")
     if gpu:
         _unroll(sch, outer, knobs)
 
@@ -277,7 +324,8 @@ def apply(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, knobs) -> Non
 def structures(kernel: Kernel, target: TargetInfo) -> list[dict[str, int]]:
     """The structural variants of a kernel's design space (one MetaSchedule design space each)."""
     if kernel.op == "backward" and target.is_gpu:
-        return [{"cache_rows": r, "cache_gamma": g, "chunked": c} for r in (1, 0) for g in (1, 0) for c in (0, 1)]
+        cacheable = (0,) if _legalized_bf16(kernel, target) else (1, 0)
+        return [{"cache_rows": r, "cache_gamma": g, "chunked": c} for r in cacheable for g in cacheable for c in (0, 1)]
     return [{}]
 
 
@@ -286,7 +334,11 @@ def default_knobs(kernel: Kernel, target: TargetInfo) -> dict[str, int]:
     if not target.is_gpu:
         return {"cache_rows": 1, "cache_gamma": 1}
     if kernel.op == "backward_sum":
-        return {"threads": 256, "unroll": 64}
+        # Measured on the H100 (bench/NOTES.md): short rows need lanes over P to have enough loads in
+        # flight; from N = 4096 the columns alone do, and the lanes' tree reduction only costs.
+        if kernel.hidden >= 4096:
+            return {"threads": 256, "lanes": 1, "unroll": 64}
+        return {"threads": 32, "lanes": 32, "unroll": 64}
     if kernel.op in ("forward", "forward_stats"):
         cands = thread_candidates(kernel, target)
         vec = vector_width(kernel, target)

@@ -8,6 +8,7 @@ import logging
 import os
 from pathlib import Path
 
+from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 from schedules import spaces
@@ -35,9 +36,26 @@ def design_space(kernel: Kernel, target: TargetInfo) -> ms.space_generator.Sched
     postprocs = [ms.postproc.RewriteParallelVectorizeUnroll()]
     if target.is_gpu:
         postprocs.append(ms.postproc.VerifyGPUCode())
+    elif kernel.op == "backward" and kernel.dtype == "bfloat16":
+        postprocs.append(UnbindPairReduction())
     return ms.space_generator.ScheduleFn(
         sample, sch_rules=[], postprocs=postprocs, mutator_probs={ms.mutator.MutateUnroll(): 1.0}
     )
+
+
+@derived_object
+class UnbindPairReduction(ms.postproc.PyPostproc):
+    """spaces.unbind_pair_reduction on each candidate (a CPU bfloat16 backward needs it to build)."""
+
+    def _initialize_with_tune_context(self, context: ms.TuneContext) -> None:
+        pass
+
+    def apply(self, sch) -> bool:
+        spaces.unbind_pair_reduction(sch)
+        return True
+
+    def clone(self) -> UnbindPairReduction:
+        return UnbindPairReduction()
 
 
 def tune_context(kernel: Kernel, target: TargetInfo, seed: int | None = None) -> ms.TuneContext:
@@ -146,11 +164,13 @@ def summarize(kernels: list[Kernel], target: TargetInfo, log_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def prune(log_dir: Path, keep: int = 3) -> tuple[int, int]:
+def prune(log_dir: Path, keep: int = 3, live: set[str] | None = None) -> tuple[int, int]:
     """Rewrite a JSON database with only the `keep` fastest valid records of each workload.
 
-    Export needs the best record; a few more keep a resumed search seeded. Returns (records before,
-    after). Damaged lines are dropped (with the reader's warning).
+    Export needs the best record; a few more keep a resumed search seeded. With `live` (workload
+    hashes), workloads outside it are dropped too: records of an older definition of a kernel
+    match nothing once its TE changes. Returns (records before, after). Damaged lines are dropped
+    (with the reader's warning).
     """
     import json
 
@@ -169,7 +189,7 @@ def prune(log_dir: Path, keep: int = 3) -> tuple[int, int]:
             continue
         if seconds < 1e9:  # MetaSchedule stores failed builds/runs as 1e10 s
             by_workload.setdefault(int(index), []).append((seconds, entry))
-    used = sorted(by_workload)
+    used = sorted(i for i in by_workload if live is None or str(workloads[i][0]) in live)
     new_index = {old: new for new, old in enumerate(used)}
     lines = []
     for old in used:

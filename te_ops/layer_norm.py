@@ -81,6 +81,13 @@ def forward(n: int, dtype: str, rows: int | None = None):
     return [x, gamma, beta, eps, y, mean, rstd]
 
 
+_SUM_PAIR = te.comm_reducer(
+    lambda a, b: (a[0] + b[0], a[1] + b[1]),
+    lambda t0, t1: (tirx.const(0.0, t0), tirx.const(0.0, t1)),
+    name="sum_pair",
+)
+
+
 def backward(n: int, dtype: str, parts: int, rows: int | None = None):
     """dx and fp32 partial dgamma/dbeta over `parts` contiguous chunks of rows, in one pass.
 
@@ -100,10 +107,9 @@ def backward(n: int, dtype: str, parts: int, rows: int | None = None):
     def dyg(i, j):
         return _f32(dy[i, j]) * _f32(gamma[j])
 
-    k1 = te.reduce_axis((0, _dim(n)), "k1")
-    c1 = te.compute((rows,), lambda i: te.sum(dyg(i, k1) * xhat(i, k1), axis=k1), name="c1")
-    k2 = te.reduce_axis((0, _dim(n)), "k2")
-    c2 = te.compute((rows,), lambda i: te.sum(dyg(i, k2), axis=k2), name="c2")
+    # c1 and c2 as one reduction of a pair: one cross-thread allreduce (one set of barriers) per row.
+    k = te.reduce_axis((0, _dim(n)), "k")
+    c1, c2 = te.compute((rows,), lambda i: _SUM_PAIR((dyg(i, k) * xhat(i, k), dyg(i, k)), axis=k), name="c")
 
     def grad_x(i, j):
         inner = dyg(i, j) - xhat(i, j) * (c1[i] * (1.0 / n)) - c2[i] * (1.0 / n)

@@ -142,8 +142,49 @@ def test_committed_cuda_logs_give_tuned_backward_kernels():
         warnings.simplefilter("error")
         sources = [
             database.choose(k, target, records, selection={}).source
-            for n in (768, 4096, 16384)
+            for n in (768, 8192, 16384)
             for k in kernels_for(n, "float32", target)
             if k.op == "backward"
         ]
     assert all(s.startswith("tuned:") for s in sources), sources
+
+
+def _cuda_source(kernel, knobs) -> str:
+    target = get_target("cuda-sm90")
+    mod = tvm.IRModule({kernel.name: database.scheduled(kernel, target, knobs)})
+    return tvm.compile(mod, target=tvm.target.Target(target.spec, host="llvm")).mod.imports[0].inspect_source()
+
+
+def test_backward_reduces_c1_and_c2_in_one_allreduce():
+    """The (c1, c2) pair is one cross-thread reduction: with two warps per row, two barriers, not four."""
+    kernel = Kernel("backward", 1024, "bfloat16", 1056)
+    source = _cuda_source(kernel, {"cache_rows": 1, "cache_gamma": 1, "chunked": 0, "threads": 64, "unroll": 64})
+    assert source.count("__syncthreads()") == 2
+
+
+@pytest.mark.parametrize("lanes", [1, 32])
+def test_partials_sum_splits_p_over_lanes(lanes):
+    kernel = Kernel("backward_sum", 1024, "float32", 528)
+    source = _cuda_source(kernel, {"threads": 32, "lanes": lanes, "unroll": 64})
+    assert ("threadIdx.y" in source) == (lanes > 1)
+    assert f"__launch_bounds__({32 * lanes})" in source
+
+
+def test_cpu_bfloat16_backward_candidates_build():
+    """On a CPU the pair reduction must lose its Bind form (tuning does it in a postprocessor):
+    with it, TVM 0.27's bf16 legalization fails on the row caches; without the postprocessor it does."""
+    from schedules.tune import tune_context
+
+    target = get_target("llvm")
+    kernel = Kernel("backward", 64, "bfloat16", 16)
+    context = tune_context(kernel, target, seed=3)
+    llvm = tvm.target.Target(target.spec, host="llvm")
+    for design in context.space_generator.generate_design_space(context.mod):
+        raw = tvm.s_tir.Schedule(context.mod)
+        design.trace.apply_to_schedule(raw, remove_postproc=True)
+        with pytest.raises(tvm.error.InternalError, match="occurred before its declaration"):
+            tvm.compile(raw.mod, target=llvm)
+        sch = tvm.s_tir.Schedule(context.mod)
+        design.trace.apply_to_schedule(sch, remove_postproc=True)
+        assert all(p.apply(sch) for p in context.space_generator.postprocs)
+        tvm.compile(sch.mod, target=llvm)
