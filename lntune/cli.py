@@ -81,6 +81,21 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    from lntune.build import kernels_for
+    from schedules.database import TUNING_LOGS, workload_hash
+    from schedules.targets import get_target
+    from schedules.tune import exclusive, prune
+
+    target = get_target(args.target)
+    live = {workload_hash(k, target) for n in args.hidden for d in args.dtype for k in kernels_for(n, d, target)}
+    log_dir = Path(args.log_dir or TUNING_LOGS / target.name)
+    with exclusive(log_dir):
+        before, after = prune(log_dir, args.keep, live)
+    print(f"{log_dir}: {before} records -> {after} (the {args.keep} best per kernel of the given set)")
+    return 0
+
+
 def _local_gpus(text: str) -> list[int]:
     """GPU indices from "all" (every GPU nvidia-smi or rocm-smi lists) or "0,1,..."."""
     import subprocess
@@ -153,6 +168,14 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--local-gpus", default=None, help="'all' or 0,1,...: start a tracker and a server per GPU")
     t.add_argument("--local-servers", type=int, default=0, help="start a tracker and N local servers (CPU)")
     t.set_defaults(func=cmd_tune)
+
+    r = sub.add_parser("prune", help="keep the best records of the given kernels' current workloads only")
+    r.add_argument("--target", required=True)
+    r.add_argument("--hidden", type=_ints, required=True)
+    r.add_argument("--dtype", type=_words, default=["float32", "float16", "bfloat16"])
+    r.add_argument("--keep", type=int, default=3, help="records kept per workload")
+    r.add_argument("--log-dir", type=Path, default=None, help="database folder (default tuning_logs/<target>)")
+    r.set_defaults(func=cmd_prune)
 
     s = sub.add_parser("select", help="keep tuned records only where they beat the baseline as exported")
     s.add_argument("--target", required=True)

@@ -34,6 +34,9 @@ def test_prune_keeps_the_fastest_records(tmp_path):
     assert prune(tmp_path, keep=2) == (5, 2)
     kept = [json.loads(line)[1][1][0] for line in (tmp_path / database.RECORDS).read_text().splitlines()]
     assert kept == [1e-4, 2e-4]
+    assert prune(tmp_path, keep=2, live={"123"}) == (2, 2)
+    assert prune(tmp_path, keep=2, live={"456"}) == (2, 0)  # a workload no current kernel has
+    assert (tmp_path / database.WORKLOADS).read_text() == ""
 
 
 def test_tuning_through_an_rpc_tracker_uses_both_servers(tmp_path, capsys):
