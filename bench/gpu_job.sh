@@ -2,9 +2,12 @@
 # GPU-host job: export the cuda-sm90 library there (cubin), check every kernel against the float64
 # reference, load it with the runtime-only TVM on torch tensors, then benchmark. Results go to $OUT.
 # Run after `. .devbundle/b/env.sh` (a fresh host) or `. /tmp/tvm_site/env.sh` (a warm one).
-#   usage: bash bench/gpu_job.sh [export|bench ARGS...]
+#   usage: bash bench/gpu_job.sh [export|bench ARGS...|reliability]
 #     export            export + check + runtime-only load into $LIB
-#     bench ARGS...     `lntune bench $LIB ARGS...` (re-exports first if $LIB is gone)
+#     bench ARGS...     export + check, then `lntune bench $LIB ARGS...` (always a fresh export, so the
+#                       library benchmarked is the one today's tuning_logs give)
+#     reliability       bench/reliability_gpu.py: 2**31 elements, determinism across processes, int32
+#                       vs int64 indexing
 set -euo pipefail
 HIDDEN=${HIDDEN:-768,1024,2048,4096,5120,8192,16384}
 DTYPES=${DTYPES:-float32,bfloat16,float16}
@@ -40,6 +43,8 @@ case "${1:-export}" in
   export) export_and_check ;;
   bench)
     shift
-    [[ -f $LIB/lntune.so ]] || export_and_check
+    rm -rf "$LIB"
+    export_and_check
     python3 -m lntune bench "$LIB" --out "$OUT" "$@" 2>&1 | grep -v Warning ;;
+  reliability) python3 bench/reliability_gpu.py "$OUT" 2>&1 | grep -v Warning ;;
 esac
