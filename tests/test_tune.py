@@ -75,3 +75,18 @@ def test_tuning_through_an_rpc_tracker_uses_both_servers(tmp_path, capsys):
     assert "measurements per RPC server" in capsys.readouterr().out
     manifest = export("llvm", [64], ["float32"], tmp_path / "lib", logs_dir=tmp_path, log=lambda *_: None)
     assert {v["op"]: v["schedule"] for v in manifest["variants"]}["forward_stats"].startswith("tuned:")
+
+
+def test_prune_command_drops_workloads_of_no_current_kernel(tmp_path, capsys):
+    """`lntune prune` keeps a record of a current kernel's workload and drops an unknown one."""
+    from lntune.cli import main
+
+    target = get_target("llvm")
+    kernel = Kernel("forward_stats", 64, "float32")
+    record = [[[], []], [1e-4], {}, []]
+    workloads = [[database.workload_hash(kernel, target), "w"], ["999", "stale"]]
+    (tmp_path / database.WORKLOADS).write_text("".join(json.dumps(w) + "\n" for w in workloads))
+    (tmp_path / database.RECORDS).write_text(json.dumps([0, record]) + "\n" + json.dumps([1, record]) + "\n")
+    assert main(["prune", "--target", "llvm", "--hidden", "64", "--dtype", "float32", "--log-dir", str(tmp_path)]) == 0
+    assert "2 records -> 1" in capsys.readouterr().out
+    assert json.loads((tmp_path / database.WORKLOADS).read_text())[0] == workloads[0][0]
