@@ -334,9 +334,10 @@ def default_knobs(kernel: Kernel, target: TargetInfo) -> dict[str, int]:
     if not target.is_gpu:
         return {"cache_rows": 1, "cache_gamma": 1}
     if kernel.op == "backward_sum":
-        # Measured on the H100 (bench/NOTES.md): short rows need lanes over P to have enough loads in
-        # flight; from N = 4096 the columns alone do, and the lanes' tree reduction only costs.
-        if kernel.hidden >= 4096:
+        # Measured on the H100 (bench/NOTES.md): up to N = 4096 lanes over P put enough loads in
+        # flight (P = 528: 9-10 us against 15); past it the columns alone do, and the lanes' tree
+        # reduction only costs (N = 5120-16384: 13-24 us against 9-12).
+        if kernel.hidden > 4096:
             return {"threads": 256, "lanes": 1, "unroll": 64}
         return {"threads": 32, "lanes": 32, "unroll": 64}
     if kernel.op in ("forward", "forward_stats"):
