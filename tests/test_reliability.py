@@ -103,8 +103,11 @@ def test_forward_and_backward_properties(llvm_library, hidden, dtype, rows, offs
         return
     ref_y, ref_mean, ref_rstd = reference.forward(x, g, b, eps)
     tol = reference.TOLERANCE[dtype]
-    # Offsets of 50 standard deviations cost float32 mean precision: allow for it in y (fp32 only).
-    y_tol = max(tol, 5e-7 * (abs(offset) / scale + 1) * (1 if dtype == "float32" else 0))
+    # The CPU kernel sums a row serially in float32: the mean's rounding error grows like
+    # sqrt(N) * 2**-24 * |offset|, and y's relative error like that over the std (fp32 only; the
+    # 16-bit tolerances are far above it). Twice that random-walk estimate is the allowance.
+    walk = 2 * np.sqrt(hidden) * 2.0**-24 * (abs(offset) / scale + 1)
+    y_tol = max(tol, walk if dtype == "float32" else 0)
     assert reference.rel_error(y, ref_y) < max(y_tol, tol)
     assert reference.rel_error(rstd, ref_rstd) < 1e-4
     dx, dgamma, dbeta = llvm_library.backward(dy, x, mean, rstd, g)
