@@ -67,6 +67,15 @@ def _json_lines(path: Path):
                 warnings.warn(f"{path}:{number}: skipped a damaged line ({err.msg})", stacklevel=3)
 
 
+FAILED_SECONDS = 1e9  # MetaSchedule stores a failed build or run as 1e10 s
+
+
+def measured_seconds(run_secs) -> float | None:
+    """The mean run time of a record's measurements; None for a failed candidate."""
+    seconds = sum(float(s) for s in run_secs) / len(run_secs)
+    return seconds if seconds < FAILED_SECONDS else None
+
+
 def _decisions(trace_json) -> tuple[int, ...]:
     """The chosen candidate of each SampleCategorical in a serialized trace, in program order.
 
@@ -112,10 +121,12 @@ def read_records(folder: Path) -> dict[str, Record]:
     for number, entry in _json_lines(folder / RECORDS):
         try:
             index, (trace_json, run_secs, *_rest) = entry
-            seconds = sum(float(s) for s in run_secs) / len(run_secs)
+            seconds = measured_seconds(run_secs)
             record = Record(hashes[int(index)], _decisions(trace_json), seconds, number, _structure(trace_json))
         except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError):
             warnings.warn(f"{folder / RECORDS}:{number}: skipped a malformed tuning record", stacklevel=2)
+            continue
+        if seconds is None:  # a candidate that failed to build or run is no schedule to use
             continue
         if record.workload_hash and (record.workload_hash not in best or seconds < best[record.workload_hash].seconds):
             best[record.workload_hash] = record

@@ -246,7 +246,7 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
         sch.decompose_reduction(acc, sch.get_loops(acc)[1])
     if gpu:
         _unroll(sch, chunk, knobs)
-    elif kernel.dtype == "bfloat16":
+    if needs_unbound_pair(kernel, target):
         unbind_pair_reduction(sch)
 
 
@@ -255,6 +255,11 @@ def _legalized_bf16(kernel: Kernel, target: TargetInfo) -> bool:
     local bf16 buffer inside the pair reduction's Bind statements unrewritten, and the build fails
     ("Load/Store of buffer dy_local occurred before its declaration")."""
     return kernel.dtype == "bfloat16" and target.family != "cuda"
+
+
+def needs_unbound_pair(kernel: Kernel, target: TargetInfo) -> bool:
+    """A CPU bfloat16 backward: its pair reduction must take the Bind-free form to build."""
+    return kernel.op == "backward" and not target.is_gpu and _legalized_bf16(kernel, target)
 
 
 def unbind_pair_reduction(sch: s_tir.Schedule) -> None:

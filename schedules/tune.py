@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 from pathlib import Path
@@ -12,7 +13,18 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 from schedules import spaces
-from schedules.database import TUNING_LOGS, workload
+from schedules.database import (
+    RECORDS,
+    TUNING_LOGS,
+    WORKLOADS,
+    _json_lines,
+    choose,
+    measured_seconds,
+    read_records,
+    tune_rows,
+    workload,
+    workload_hash,
+)
 from schedules.knobs import Sampled
 from schedules.targets import TargetInfo
 from te_ops.layer_norm import Kernel
@@ -36,7 +48,7 @@ def design_space(kernel: Kernel, target: TargetInfo) -> ms.space_generator.Sched
     postprocs = [ms.postproc.RewriteParallelVectorizeUnroll()]
     if target.is_gpu:
         postprocs.append(ms.postproc.VerifyGPUCode())
-    elif kernel.op == "backward" and kernel.dtype == "bfloat16":
+    if spaces.needs_unbound_pair(kernel, target):
         postprocs.append(UnbindPairReduction())
     return ms.space_generator.ScheduleFn(
         sample, sch_rules=[], postprocs=postprocs, mutator_probs={ms.mutator.MutateUnroll(): 1.0}
@@ -111,11 +123,7 @@ def _tune(kernels, target, trials_per_kernel, log_dir, workers, builder_timeout,
     per_iter = min(32, trials_per_kernel)
     builder = ms.builder.LocalBuilder(max_workers=workers, timeout_sec=builder_timeout)
     if runner == "local":
-        runner = ms.runner.LocalRunner(
-            evaluator_config=ms.runner.EvaluatorConfig(
-                number=5, repeat=3, min_repeat_ms=50, enable_cpu_cache_flush=False
-            )
-        )
+        runner = ms.runner.LocalRunner(evaluator_config=EVALUATOR)
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.INFO)
     ms.tune_tasks(
         tasks=tasks,
@@ -147,8 +155,6 @@ def kernel_bytes(kernel: Kernel, rows: int) -> int:
 
 def summarize(kernels: list[Kernel], target: TargetInfo, log_dir: Path) -> str:
     """A table of each kernel's best measured time in the database and its effective bandwidth."""
-    from schedules.database import choose, read_records, tune_rows, workload_hash
-
     records = read_records(Path(log_dir))
     lines = [f"{'kernel':<44} {'M':>8} {'best us':>9} {'GB/s':>7}  knobs"]
     for k in kernels:
@@ -172,10 +178,6 @@ def prune(log_dir: Path, keep: int = 3, live: set[str] | None = None) -> tuple[i
     match nothing once its TE changes. Returns (records before, after). Damaged lines are dropped
     (with the reader's warning).
     """
-    import json
-
-    from schedules.database import RECORDS, WORKLOADS, _json_lines
-
     log_dir = Path(log_dir)
     workloads = [entry for _, entry in _json_lines(log_dir / WORKLOADS)]
     by_workload: dict[int, list] = {}
@@ -184,10 +186,10 @@ def prune(log_dir: Path, keep: int = 3, live: set[str] | None = None) -> tuple[i
         before += 1
         try:
             index, (_trace, run_secs, *_rest) = entry
-            seconds = sum(float(s) for s in run_secs) / len(run_secs)
+            seconds = measured_seconds(run_secs)
         except (TypeError, ValueError, ZeroDivisionError):
             continue
-        if seconds < 1e9:  # MetaSchedule stores failed builds/runs as 1e10 s
+        if seconds is not None:
             by_workload.setdefault(int(index), []).append((seconds, entry))
     used = sorted(i for i in by_workload if live is None or str(workloads[i][0]) in live)
     new_index = {old: new for new, old in enumerate(used)}

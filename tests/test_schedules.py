@@ -122,6 +122,17 @@ def test_float16_takes_bfloat16_records_as_a_transfer(tmp_path):
     assert choice.source.startswith("transfer:bfloat16") and choice.knobs == wanted
 
 
+def test_a_failed_candidate_is_not_a_tuned_record(tmp_path):
+    """MetaSchedule stores a failed build or run as 1e10 s; such a record must not be exported as tuned."""
+    target = get_target("cuda-sm90")
+    kernel = Kernel("forward", 1024, "float32")
+    sch = tvm.s_tir.Schedule(database.workload(kernel, target)["main"])
+    spaces.apply(sch, kernel, target, Fixed({"threads": 128, "rows_per_block": 2, "unroll": 16}))
+    _write_database(tmp_path, kernel, target, sch, seconds=1e10)
+    assert database.read_records(tmp_path) == {}
+    assert database.choose(kernel, target, database.read_records(tmp_path), {}).source == "baseline"
+
+
 def test_damaged_database_line_warns_and_keeps_the_rest(tmp_path):
     target = get_target("cuda-sm90")
     kernel = Kernel("forward", 1024, "float32")
