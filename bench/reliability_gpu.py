@@ -14,6 +14,7 @@ Writes a JSON summary per check to OUT_DIR and prints it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import subprocess
@@ -138,64 +139,48 @@ def determinism(out: Path) -> dict:
     return result
 
 
-def index(out: Path) -> dict:
-    """Time the same schedules with int32 and with int64 index arithmetic."""
-    import tvm
+@contextlib.contextmanager
+def _int32_indices():
+    """te_ops builds its kernels with int32 row counts and extents while inside (an experiment only)."""
     from tvm import tirx
 
-    from schedules import database, spaces
-    from schedules.targets import get_target
     from te_ops import layer_norm
-    from te_ops.layer_norm import Kernel
 
-    target = get_target("cuda-sm90")
-    wide_rows, wide_dim = layer_norm._rows, layer_norm._dim
-
-    def build(width: str):
-        if width == "int32":
-            layer_norm._rows = lambda rows: tirx.Var("M", "int32") if rows is None else tirx.IntImm("int32", rows)
-            layer_norm._dim = lambda extent: tirx.IntImm("int32", extent)
-        else:
-            layer_norm._rows, layer_norm._dim = wide_rows, wide_dim
-        mod, kernels = tvm.IRModule(), []
-        for n, dtype in ((1024, "float32"), (1024, "bfloat16"), (4096, "float32"), (4096, "bfloat16")):
-            for op in ("forward", "backward"):
-                kernel = Kernel(op, n, dtype, spaces.parts_for(target, n, dtype) if op == "backward" else 0)
-                knobs = database.choose(kernel, target).knobs if width == "int64" else chosen[kernel.name]
-                chosen[kernel.name] = knobs
-                mod[kernel.name] = database.scheduled(kernel, target, knobs)
-                kernels.append(kernel)
-        return tvm.compile(mod, target=tvm.target.Target(target.spec, host="llvm")), kernels
-
-    chosen: dict = {}
-    result = {}
-    for width in ("int64", "int32"):
-        lib, kernels = build(width)
-        for kernel in kernels:
-            rows = (1 << 26) // kernel.hidden
-            args = _arguments(kernel, rows)
-            timer = lib.mod.time_evaluator(kernel.name, tvm.cuda(0), number=10, repeat=7)
-            us = float(np.median(timer(*args).results)) * 1e6
-            result.setdefault(kernel.name, {})[width + "_us"] = round(us, 1)
-    layer_norm._rows, layer_norm._dim = wide_rows, wide_dim
-    for times in result.values():
-        times["int32_speedup"] = round(times["int64_us"] / times["int32_us"], 3)
-    return result
+    wide = layer_norm._rows, layer_norm._dim
+    layer_norm._rows = lambda rows: tirx.Var("M", "int32") if rows is None else tirx.IntImm("int32", rows)
+    layer_norm._dim = lambda extent: tirx.IntImm("int32", extent)
+    try:
+        yield
+    finally:
+        layer_norm._rows, layer_norm._dim = wide
 
 
-def _arguments(kernel, rows: int) -> list:
+def index(out: Path) -> dict:
+    """Time the same schedules, on the same inputs, with int64 and with int32 index arithmetic."""
     import tvm
 
-    args = []
-    for tensor in kernel.tensors(rows):
-        if not hasattr(tensor, "shape"):  # eps
-            args.append(EPS)
-            continue
-        data = torch.randn(*[int(d) for d in tensor.shape], device="cuda").to(getattr(torch, str(tensor.dtype)))
-        if tensor.name == "rstd":
-            data = data.abs() + 0.5
-        args.append(tvm.runtime.from_dlpack(data))
-    return args
+    from lntune.select import device_arguments, time_us
+    from schedules import database, spaces
+    from schedules.targets import get_target
+    from te_ops.layer_norm import Kernel
+
+    target, device = get_target("cuda-sm90"), tvm.cuda(0)
+    rng = np.random.default_rng(0)
+    result = {}
+    for n, dtype in ((1024, "float32"), (1024, "bfloat16"), (4096, "float32"), (4096, "bfloat16")):
+        for op in ("forward", "backward"):
+            kernel = Kernel(op, n, dtype, spaces.parts_for(target, n, dtype) if op == "backward" else 0)
+            knobs = database.choose(kernel, target).knobs
+            args = device_arguments(kernel, (1 << 26) // n, device, rng)
+            wide = time_us(kernel, target, knobs, args, device)
+            with _int32_indices():
+                narrow = time_us(kernel, target, knobs, args, device)
+            result[kernel.name] = {
+                "int64_us": round(wide, 1),
+                "int32_us": round(narrow, 1),
+                "int32_speedup": round(wide / narrow, 3),
+            }
+    return result
 
 
 CHECKS = {"big": big, "determinism": determinism, "index": index}

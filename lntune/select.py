@@ -22,7 +22,7 @@ from te_ops.layer_norm import Kernel
 SELECTION = "selection.json"
 
 
-def _arguments(kernel: Kernel, rows: int, device, rng: np.random.Generator) -> list:
+def device_arguments(kernel: Kernel, rows: int, device, rng: np.random.Generator) -> list:
     """Device tensors for every parameter of the kernel (eps as a float), non-zero random data."""
     func = kernel.prim_func()
     args = []
@@ -45,7 +45,7 @@ def _arguments(kernel: Kernel, rows: int, device, rng: np.random.Generator) -> l
     return args
 
 
-def _time_us(kernel: Kernel, target, knobs: dict, args: list, device) -> float:
+def time_us(kernel: Kernel, target, knobs: dict, args: list, device) -> float:
     func = database.scheduled(kernel, target, knobs)
     lib = tvm.compile(tvm.IRModule({kernel.name: func}), target=tvm.target.Target(target.spec, host="llvm"))
     timer = lib.mod.time_evaluator(kernel.name, device, number=20, repeat=5)
@@ -67,10 +67,10 @@ def select(target_name: str, hidden: list[int], dtypes: list[str], elements: int
                 if choice.source == "baseline":
                     continue
                 rows = max(1, elements // n)
-                args = _arguments(kernel, rows, device, rng)
+                args = device_arguments(kernel, rows, device, rng)
                 base = database.baseline_knobs(kernel, target)
-                t_tuned = _time_us(kernel, target, choice.knobs, args, device)
-                t_base = _time_us(kernel, target, base, args, device)
+                t_tuned = time_us(kernel, target, choice.knobs, args, device)
+                t_base = time_us(kernel, target, base, args, device)
                 winner = "tuned" if t_tuned <= t_base else "baseline"
                 selection[kernel.name] = {
                     "choice": winner,
