@@ -127,11 +127,8 @@ def layer_norm(
             )
         warnings.warn(f"lntune: no variant for hidden={hidden}, dtype={dtype}; using torch's layer_norm", stacklevel=2)
         return nn.functional.layer_norm(x, shape, weight, bias, eps)
-    ones = weight is None or bias is None
-    if ones:
-        fill = x.new_ones(hidden), x.new_zeros(hidden)
-    w = (weight if weight is not None else fill[0]).reshape(hidden)
-    b = (bias if bias is not None else fill[1]).reshape(hidden)
+    w = weight.reshape(hidden) if weight is not None else x.new_ones(hidden)
+    b = bias.reshape(hidden) if bias is not None else x.new_zeros(hidden)
     rows = x.reshape(-1, hidden)
     y, _mean, _rstd = torch.ops.lntune.forward(rows.contiguous(), w.contiguous(), b.contiguous(), float(eps), key)
     return y.reshape(x.shape)
