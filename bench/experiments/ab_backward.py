@@ -5,6 +5,8 @@
 The first tree run writes the knobs export would use for each backward kernel to KNOBS.json; a later
 run with the same file reuses them, so both trees are timed with the same decisions. Each
 kernel runs on M = 2**26 // N rows (past the L2), timed by TVM's time_evaluator (median of 7).
+It imports only te_ops and schedules (an older tree may be just those two), so it builds its own
+arguments rather than using lntune.select's.
 """
 
 import json
