@@ -17,7 +17,7 @@ import tvm
 import tvm_ffi
 
 from schedules import spaces
-from schedules.knobs import Fixed, Recorder
+from schedules.knobs import IMPLICIT_UNROLL_KEY, Fixed, Recorder
 from schedules.targets import TargetInfo
 from te_ops.layer_norm import Kernel
 
@@ -92,20 +92,32 @@ def _decisions(trace_json) -> tuple[int, ...]:
     return tuple(values)
 
 
+def _annotation(insts, key: str):
+    """The value of the first Annotate instruction with `key` in a serialized trace, else None."""
+    return next((inst[1][1] for inst in insts if inst[0] == "Annotate" and inst[2][:1] == [key]), None)
+
+
 def _structure(trace_json) -> tuple[tuple[str, int], ...]:
     """The structural knobs of a one-pass-backward trace, read off its instructions.
 
     MetaSchedule simplifies a trace before saving it and drops the one-candidate samples that mark
     the structure (nothing consumes them), so the structure is recovered from what it did: x and dy
-    caches are two CacheReads, gamma's is one more; a chunked row split puts the thread count first.
+    caches are two CacheReads, gamma's is one more; a chunked row split (the one with a sampled
+    thread count) puts the thread count first; the step and the unrolling leave annotations.
     """
     insts = trace_json[0]
     if not any(inst[0] == "Merge" for inst in insts) or not any(inst[0] == "DecomposeReduction" for inst in insts):
         return ()
     caches = sum(inst[0] == "CacheRead" for inst in insts)
-    row_split = next((inst for inst in insts if inst[0] == "Split" and len(inst[1]) == 4), None)
-    chunked = int(row_split is not None and row_split[1][1] != "None")
-    return (("cache_rows", int(caches >= 2)), ("cache_gamma", caches % 2), ("chunked", chunked))
+    sampled = [inst for inst in insts if inst[0] == "Split" and any(str(f).startswith("v") for f in inst[1][1:])]
+    chunked = int(bool(sampled) and sampled[0][1][1] != "None")
+    return (
+        ("cache_rows", int(caches >= 2)),
+        ("cache_gamma", caches % 2),
+        ("chunked", chunked),
+        ("rows_per_step", int(_annotation(insts, spaces.ROWS_PER_STEP_KEY) or 1)),
+        ("explicit_unroll", int(_annotation(insts, IMPLICIT_UNROLL_KEY) is None)),
+    )
 
 
 def read_records(folder: Path) -> dict[str, Record]:
@@ -163,22 +175,43 @@ def read_selection(folder: Path) -> dict:
         return {}
 
 
+def _timings(verdict: dict) -> str:
+    """The chosen candidate's and the baseline's time from a selection.json entry."""
+    us = verdict.get("us", {})
+    label = verdict.get("label", verdict.get("choice"))
+    return f"{us.get(label, '?')} us; baseline {us.get('baseline', '?')} us"
+
+
+def _exact_knobs(kernel: Kernel, target: TargetInfo, knobs) -> dict | None:
+    """`knobs` if they name every knob of the kernel's space with a valid value, else None."""
+    if not isinstance(knobs, dict):
+        return None
+    fixed = Fixed(knobs)
+    try:
+        spaces.apply(tvm.s_tir.Schedule(kernel.prim_func()), kernel, target, fixed)
+    except Exception:  # noqa: BLE001 (knobs from another version of the space)
+        return None
+    return fixed.used if fixed.used == knobs else None
+
+
 def choose(
     kernel: Kernel, target: TargetInfo, records: dict[str, Record] | None = None, selection: dict | None = None
 ) -> Choice:
-    """The tuned knobs for `kernel` when a record matches its workload, else its 16-bit twin's
-    (marked "transfer:"), else the baseline's; and the baseline where selection.json measured the
-    exported tuned kernel slower."""
+    """The knobs `lntune select` measured fastest as exported (selection.json: baseline, tuned or a
+    structural variant); without a verdict, the tuned knobs when a record matches the workload, else
+    its 16-bit twin's (marked "transfer:"), else the baseline's."""
     if records is None:
         records = read_records(TUNING_LOGS / target.name)
     if selection is None:
         selection = read_selection(TUNING_LOGS / target.name)
     verdict = selection.get(kernel.name, {})
     if verdict.get("choice") == "baseline":
-        return Choice(
-            baseline_knobs(kernel, target),
-            f"baseline (tuned {verdict.get('tuned_us')} us > baseline {verdict.get('baseline_us')} us as exported)",
-        )
+        return Choice(baseline_knobs(kernel, target), f"baseline (selected: {_timings(verdict)})")
+    if verdict.get("choice") == "variant":
+        knobs = _exact_knobs(kernel, target, verdict.get("knobs"))
+        if knobs is not None:
+            return Choice(knobs, f"selected:{verdict.get('label', 'variant')} ({_timings(verdict)})")
+        warnings.warn(f"{kernel.name}: selected variant does not fit the design space; not used", stacklevel=2)
     record = records.get(workload_hash(kernel, target)) if records else None
     prefix = "tuned"
     if record is None and records and kernel.dtype in TWIN_DTYPES:

@@ -35,15 +35,19 @@ class Sampled:
 
 
 UNROLL_KEY = "meta_schedule.unroll_explicit"
+IMPLICIT_UNROLL_KEY = "meta_schedule.unroll_implicit"
 
 
-def annotate_unroll(sch: s_tir.Schedule, loop, step) -> None:
-    """Auto-unroll below `loop`: a sampled step goes through MetaSchedule's unroll postproc/mutator."""
+def annotate_unroll(sch: s_tir.Schedule, loop, step, explicit: bool = True) -> None:
+    """Auto-unroll below `loop`: a sampled step goes through MetaSchedule's unroll postproc/mutator.
+
+    Explicit: TVM copies the loop bodies itself; implicit: it emits `#pragma unroll` and nvcc does.
+    """
     if isinstance(step, int):
         sch.annotate(loop, "pragma_auto_unroll_max_step", step)
-        sch.annotate(loop, "pragma_unroll_explicit", 1)
+        sch.annotate(loop, "pragma_unroll_explicit", int(explicit))
     else:
-        sch.annotate(sch.get_sblock("root"), UNROLL_KEY, step)
+        sch.annotate(sch.get_sblock("root"), UNROLL_KEY if explicit else IMPLICIT_UNROLL_KEY, step)
 
 
 class Fixed:

@@ -19,12 +19,14 @@ from tvm.tirx import ForKind, IntImm
 
 from schedules.knobs import Recorder, annotate_unroll
 from schedules.targets import TargetInfo
-from te_ops.layer_norm import Kernel
+from te_ops.layer_norm import ROW_GRANULE, Kernel
 
 ROWS_PER_BLOCK = (1, 2, 4, 8)
 SUM_COLUMNS = (32, 64, 128, 256)
 SUM_LANES = (1, 2, 4, 8, 16, 32)  # columns x lanes > max_threads is rejected by VerifyGPUCode
 UNROLL_STEPS = (0, 16, 64, 512)
+ROWS_PER_STEP = (1, ROW_GRANULE)  # backward rows whose x and dy are loaded together (a structural knob)
+ROWS_PER_STEP_KEY = "lntune.rows_per_step"  # marks the split in a trace (schedules.database._structure)
 CPU_VECTOR_BYTES = 32
 
 
@@ -127,8 +129,25 @@ def _spread_row(
         sch.unroll(inner)
 
 
+def _row_write_back(sch: s_tir.Schedule, name: str, vec: int, gpu: bool):
+    """A register copy of output `name` for full-width stores (see _store_row); None if not needed.
+
+    Made before the row loops are split, so the copy is indexed like the output itself and
+    compacts to one row wherever it is computed.
+    """
+    return sch.cache_write(sch.get_sblock(name), 0, "local") if gpu and vec > 4 else None
+
+
 def _store_row(
-    sch: s_tir.Schedule, name: str, row, threads, vec: int, gpu: bool, units: int = 2, chunked: int = 0
+    sch: s_tir.Schedule,
+    name: str,
+    row,
+    threads,
+    vec: int,
+    gpu: bool,
+    units: int = 2,
+    chunked: int = 0,
+    write_back=None,
 ) -> None:
     """Compute a [rows, N] output in fp32 4-lane chunks, then store it with full-width vectors.
 
@@ -136,8 +155,9 @@ def _store_row(
     computed into a register copy 4 lanes at a time and written back 16 bytes at a time.
     """
     block = sch.get_sblock(name)
-    if gpu and vec > 4:
-        write_back = sch.cache_write(block, 0, "local")
+    if write_back is None:
+        write_back = _row_write_back(sch, name, vec, gpu)
+    if write_back is not None:
         sch.reverse_compute_at(write_back, row)
         _spread_row(sch, block, threads, vec, vectorize=True, gpu=gpu, units=units, lanes=4, chunked=chunked)
         _spread_row(sch, write_back, threads, vec, vectorize=True, gpu=gpu, units=units, chunked=chunked)
@@ -145,8 +165,8 @@ def _store_row(
         _spread_row(sch, block, threads, vec, vectorize=True, gpu=gpu, units=units, chunked=chunked)
 
 
-def _unroll(sch: s_tir.Schedule, loop, knobs) -> None:
-    annotate_unroll(sch, loop, knobs.pick(sch, "unroll", UNROLL_STEPS))
+def _unroll(sch: s_tir.Schedule, loop, knobs, explicit: bool = True) -> None:
+    annotate_unroll(sch, loop, knobs.pick(sch, "unroll", UNROLL_STEPS), explicit)
 
 
 def rowwise(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, knobs) -> None:
@@ -196,10 +216,14 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     cache_rows = knobs.structural(sch, "cache_rows", cacheable)
     cache_gamma = knobs.structural(sch, "cache_gamma", cacheable)
     chunked = knobs.structural(sch, "chunked", (0, 1))
+    rows_per_step = knobs.structural(sch, "rows_per_step", ROWS_PER_STEP)
+    explicit_unroll = knobs.structural(sch, "explicit_unroll", (1, 0))
     threads = 1
     if gpu:
         threads = knobs.pick(sch, "threads", thread_candidates(kernel, target, max_per_thread=32 if cache_rows else 64))
-    row_nests = [sch.split(sch.get_loops(sch.get_sblock(b))[0], [kernel.parts, None]) for b in ("c", "dx")]
+    dx_write_back = _row_write_back(sch, "dx", vec, gpu)
+    # Rows split as [chunk, step, granule], the granule matching te_ops' chunk rounding exactly.
+    row_nests = [sch.split(sch.get_loops(sch.get_sblock(b))[0], [kernel.parts, None, ROW_GRANULE]) for b in ("c", "dx")]
     accumulators, write_backs = [], []
     for name in ("dgamma_part", "dbeta_part"):
         # The original block now accumulates in registers; the returned one writes them back.
@@ -207,11 +231,19 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
         acc = sch.get_sblock(name)
         p, j, r = sch.get_loops(acc)
         sch.reorder(p, r, j)
-        row_nests.append((p, r))
+        row_nests.append((p, *sch.split(r, [None, ROW_GRANULE])))
         accumulators.append(acc)
     # compute_at cannot line these up (the partials do not consume dx), so merge the nests' loops.
-    chunk = sch.merge(*[n[0] for n in row_nests])
-    row = sch.merge(*[n[1] for n in row_nests])
+    chunk, step, row = (sch.merge(*[n[level] for n in row_nests]) for level in range(3))
+    if rows_per_step == 1:
+        step = row = sch.fuse(step, row)
+    else:
+        # The row caches below sit at the step: all its rows are loaded before the first reduction.
+        sch.annotate(step, ROWS_PER_STEP_KEY, rows_per_step)
+        # Unrolled so the caches' row slots are constants (registers), but by nvcc: TVM's explicit
+        # unrolling copies the cross-thread allreduce and leaves its result variable undefined.
+        sch.unroll(row)
+        sch.annotate(row, "pragma_unroll_explicit", 0)
     for write_back in write_backs:
         sch.reverse_compute_at(write_back, chunk)
     for index in (0, 1):  # c1, c2
@@ -222,7 +254,14 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     # drops the get_sblock instructions that only feed such a list.
     for buffer in ("x", "dy") if cache_rows else ():
         cache = sch.cache_read(dx, _read_index(sch, dx, buffer), "local")
-        sch.compute_at(cache, row)
+        sch.compute_at(cache, step)
+        if rows_per_step > 1:
+            # Steps start at an even row (chunks are ROW_GRANULE multiples), so row % step names the
+            # slot; left to buffer compaction, symbolic M's bounds check keeps the cache M rows long.
+            sch.transform_layout(
+                cache, ("write", 0), lambda i, j: (i % rows_per_step, j), assume_injective_transform=True
+            )
+            sch.unroll(sch.get_loops(cache)[-2])  # the step's rows; the row's own loop is split below
         caches.append(cache)
     if cache_gamma:
         gamma = sch.cache_read(dx, _read_index(sch, dx, "gamma"), "local")
@@ -235,7 +274,7 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     spread = dict(gpu=gpu, units=kernel.hidden, chunked=chunked)
     for block in caches:
         _spread_row(sch, block, threads, vec, vectorize=True, **spread)
-    _store_row(sch, "dx", row, threads, vec, **spread)
+    _store_row(sch, "dx", row, threads, vec, write_back=dx_write_back, **spread)
     for block in accumulators:
         _spread_row(sch, block, threads, vec, vectorize=True, lanes=4, **spread)
     _spread_row(sch, sch.get_sblock("c"), threads, vec, vectorize=False, **spread)
@@ -245,7 +284,7 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     for acc in accumulators:
         sch.decompose_reduction(acc, sch.get_loops(acc)[1])
     if gpu:
-        _unroll(sch, chunk, knobs)
+        _unroll(sch, chunk, knobs, explicit=bool(explicit_unroll))
     if needs_unbound_pair(kernel, target):
         unbind_pair_reduction(sch)
 
@@ -337,7 +376,7 @@ def structures(kernel: Kernel, target: TargetInfo) -> list[dict[str, int]]:
 def default_knobs(kernel: Kernel, target: TargetInfo) -> dict[str, int]:
     """The baseline: knob values chosen by rule (a few vectors per thread, registers within budget)."""
     if not target.is_gpu:
-        return {"cache_rows": 1, "cache_gamma": 1}
+        return {"cache_rows": 1, "cache_gamma": 1, "rows_per_step": 1}
     if kernel.op == "backward_sum":
         # Measured on the H100 (bench/NOTES.md): up to N = 4096 lanes over P put enough loads in
         # flight (P = 528: 9-10 us against 15); past it the columns alone do, and the lanes' tree
@@ -360,9 +399,37 @@ def default_knobs(kernel: Kernel, target: TargetInfo) -> dict[str, int]:
         "cache_rows": 1,
         "cache_gamma": int(not long_row),
         "chunked": int(long_row),
+        "rows_per_step": 1,
+        "explicit_unroll": 1,
         "threads": threads,
         "unroll": 64,
     }
+
+
+def backward_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[dict[str, int]]:
+    """Structural variants of a GPU backward around `base` for `lntune select` to time as exported.
+
+    The three thread counts nearest the rule's x row layout (interleaved or chunked) x rows per step
+    and who unrolls (TVM or nvcc; two rows a step only with nvcc, see one_pass_backward); past 8192
+    columns also rows re-read instead of cached. Measured on the H100 (bench/NOTES.md), neighbours
+    here differed by up to 3x, for register and local-memory reasons that a rule does not predict.
+    """
+    if kernel.op != "backward" or target.family != "cuda":
+        return []
+    rule = default_knobs(kernel, target)
+    found = [{**base, "explicit_unroll": 0}]
+    for cache_rows in (1, 0) if kernel.hidden >= 8192 else (1,):
+        cands = thread_candidates(kernel, target, max_per_thread=32 if cache_rows else 64)
+        for threads in sorted(cands, key=lambda t: abs(t - rule["threads"]))[:3]:
+            for chunked in (0, 1):
+                for step, explicit in ((1, 1), (1, 0), (ROW_GRANULE, 0)):  # explicit needs one row a step
+                    layout = dict(cache_rows=cache_rows, chunked=chunked, rows_per_step=step, threads=threads)
+                    found.append({**rule, **layout, "explicit_unroll": explicit})
+    unique = [base]
+    for knobs in found:
+        if knobs not in unique:
+            unique.append(knobs)
+    return unique[1:]
 
 
 def knob_names(kernel: Kernel, target: TargetInfo) -> Sequence[str]:
@@ -373,4 +440,13 @@ def knob_names(kernel: Kernel, target: TargetInfo) -> Sequence[str]:
     return recorder.order
 
 
-__all__ = ["apply", "default_knobs", "knob_names", "parts_for", "structures", "thread_candidates", "vector_width"]
+__all__ = [
+    "apply",
+    "backward_variants",
+    "default_knobs",
+    "knob_names",
+    "parts_for",
+    "structures",
+    "thread_candidates",
+    "vector_width",
+]

@@ -16,6 +16,9 @@ from tvm import te, tirx
 ACC = "float32"
 DTYPES = ("float32", "float16", "bfloat16")
 OPS = ("forward", "forward_stats", "backward", "backward_sum")
+# Backward chunks hold a multiple of this many rows, so a schedule can step through them that many
+# at a time without a remainder (schedules.spaces.ROWS_PER_STEP).
+ROW_GRANULE = 2
 
 
 def _rows(rows: int | None) -> tirx.PrimExpr:
@@ -91,7 +94,8 @@ _SUM_PAIR = te.comm_reducer(
 def backward(n: int, dtype: str, parts: int, rows: int | None = None):
     """dx and fp32 partial dgamma/dbeta over `parts` contiguous chunks of rows, in one pass.
 
-    Chunk p covers rows p*R .. p*R+R-1 with R = ceil(M / parts); rows past M add zero. The mask sits
+    Chunk p covers rows p*R .. p*R+R-1 with R = ceil(M / parts) rounded up to a multiple of
+    ROW_GRANULE; rows past M add zero. The mask sits
     inside the summand because te.create_prim_func drops te.sum(where=...).
     """
     rows = _rows(rows)
@@ -117,7 +121,7 @@ def backward(n: int, dtype: str, parts: int, rows: int | None = None):
 
     dx = te.compute((rows, _dim(n)), grad_x, name="dx")
 
-    chunk = (rows + parts - 1) // parts
+    chunk = (rows + ROW_GRANULE * parts - 1) // (ROW_GRANULE * parts) * ROW_GRANULE
     r1 = te.reduce_axis((0, chunk), "r1")
     r2 = te.reduce_axis((0, chunk), "r2")
 

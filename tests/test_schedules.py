@@ -79,7 +79,8 @@ def _write_database(folder, kernel, target, traced, seconds=1e-4, extra_lines=()
     records.write_text("".join(extra_lines) + records.read_text())
 
 
-STRUCTURAL = ("cache_rows", "cache_gamma", "chunked")
+STRUCTURAL = ("cache_rows", "cache_gamma", "chunked", "rows_per_step", "explicit_unroll")
+ONE_ROW_A_STEP = {"rows_per_step": 1, "explicit_unroll": 1}  # what the tuning spaces hold
 
 
 def _traced(kernel, target, knobs):
@@ -100,7 +101,7 @@ def _traced(kernel, target, knobs):
 def test_chooser_prefers_a_tuned_record_and_falls_back(tmp_path):
     target = get_target("cuda-sm90")
     kernel = Kernel("backward", 4096, "float32", spaces.parts_for(target, 4096, "float32"))
-    wanted = {"cache_rows": 1, "cache_gamma": 0, "chunked": 1, "threads": 512, "unroll": 16}
+    wanted = {**ONE_ROW_A_STEP, "cache_rows": 1, "cache_gamma": 0, "chunked": 1, "threads": 512, "unroll": 16}
     _write_database(tmp_path, kernel, target, _traced(kernel, target, wanted))
     records = database.read_records(tmp_path)
     choice = database.choose(kernel, target, records, selection={})
@@ -108,15 +109,49 @@ def test_chooser_prefers_a_tuned_record_and_falls_back(tmp_path):
     assert choice.knobs == wanted
     other = Kernel("backward", 2048, "float32", spaces.parts_for(target, 2048, "float32"))
     assert database.choose(other, target, records, selection={}).source == "baseline"
-    verdict = {kernel.name: {"choice": "baseline", "tuned_us": 2.0, "baseline_us": 1.0}}
-    assert database.choose(kernel, target, records, selection=verdict).source.startswith("baseline (tuned")
+    verdict = {kernel.name: {"choice": "baseline", "us": {"baseline": 1.0, "tuned": 2.0}}}
+    assert database.choose(kernel, target, records, selection=verdict).source.startswith("baseline (selected")
+
+
+@pytest.mark.parametrize("rows_per_step,explicit_unroll", [(2, 0), (1, 0), (1, 1)])
+def test_tuned_record_keeps_rows_per_step_and_unrolling(tmp_path, rows_per_step, explicit_unroll):
+    """MetaSchedule drops the one-candidate structure samples; the annotations must still say them."""
+    target = get_target("cuda-sm90")
+    kernel = Kernel("backward", 2048, "bfloat16", spaces.parts_for(target, 2048, "bfloat16"))
+    layout = {"rows_per_step": rows_per_step, "explicit_unroll": explicit_unroll}
+    wanted = {"cache_rows": 1, "cache_gamma": 1, "chunked": 1, **layout, "threads": 128, "unroll": 64}
+    _write_database(tmp_path, kernel, target, _traced(kernel, target, wanted))
+    assert database.choose(kernel, target, database.read_records(tmp_path), selection={}).knobs == wanted
+
+
+def test_chooser_takes_a_selected_variant_and_checks_it():
+    target = get_target("cuda-sm90")
+    kernel = Kernel("backward", 768, "float32", spaces.parts_for(target, 768, "float32"))
+    variant = spaces.backward_variants(kernel, target, database.baseline_knobs(kernel, target))[-1]
+    verdict = {"choice": "variant", "label": "variant9", "knobs": variant, "us": {"variant9": 1.0}}
+    choice = database.choose(kernel, target, {}, selection={kernel.name: verdict})
+    assert choice.knobs == variant and choice.source.startswith("selected:variant9")
+    stale = {kernel.name: {**verdict, "knobs": {**variant, "threads": 7}}}
+    with pytest.warns(UserWarning, match="selected variant does not fit"):
+        assert database.choose(kernel, target, {}, selection=stale).source == "baseline"
+
+
+def test_backward_variants_build_for_cuda():
+    """Every structural variant that select may time passes TVM's GPU checks and generates code."""
+    target = get_target("cuda-sm90")
+    kernel = Kernel("backward", 1024, "float32", spaces.parts_for(target, 1024, "float32"))
+    variants = spaces.backward_variants(kernel, target, database.baseline_knobs(kernel, target))
+    assert {(v["rows_per_step"], v["explicit_unroll"]) for v in variants} == {(1, 1), (1, 0), (2, 0)}
+    for knobs in variants:
+        source = _cuda_source(kernel, knobs)
+        assert ("#pragma unroll" in source) == (not knobs["explicit_unroll"])
 
 
 def test_float16_takes_bfloat16_records_as_a_transfer(tmp_path):
     target = get_target("cuda-sm90")
     parts = spaces.parts_for(target, 1024, "bfloat16")
     bf16 = Kernel("backward", 1024, "bfloat16", parts)
-    wanted = {"cache_rows": 1, "cache_gamma": 1, "chunked": 0, "threads": 64, "unroll": 512}
+    wanted = {**ONE_ROW_A_STEP, "cache_rows": 1, "cache_gamma": 1, "chunked": 0, "threads": 64, "unroll": 512}
     _write_database(tmp_path, bf16, target, _traced(bf16, target, wanted))
     choice = database.choose(Kernel("backward", 1024, "float16", parts), target, database.read_records(tmp_path), {})
     assert choice.source.startswith("transfer:bfloat16") and choice.knobs == wanted
@@ -153,7 +188,7 @@ def test_committed_cuda_logs_give_tuned_backward_kernels():
         warnings.simplefilter("error")
         sources = [
             database.choose(k, target, records, selection={}).source
-            for n in (768, 8192, 16384)
+            for n in (2048, 8192, 16384)
             for k in kernels_for(n, "float32", target)
             if k.op == "backward"
         ]
@@ -169,7 +204,8 @@ def _cuda_source(kernel, knobs) -> str:
 def test_backward_reduces_c1_and_c2_in_one_allreduce():
     """The (c1, c2) pair is one cross-thread reduction: with two warps per row, two barriers, not four."""
     kernel = Kernel("backward", 1024, "bfloat16", 1056)
-    source = _cuda_source(kernel, {"cache_rows": 1, "cache_gamma": 1, "chunked": 0, "threads": 64, "unroll": 64})
+    knobs = {**ONE_ROW_A_STEP, "cache_rows": 1, "cache_gamma": 1, "chunked": 0, "threads": 64, "unroll": 64}
+    source = _cuda_source(kernel, knobs)
     assert source.count("__syncthreads()") == 2
 
 
