@@ -2,4 +2,5 @@ import sys
 
 from lntune.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not in spawned worker processes (lntune select), which import this module
+    sys.exit(main())

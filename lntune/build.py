@@ -98,7 +98,7 @@ def export(
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     tuned = sum(not v["schedule"].startswith("baseline") for v in variants)
     log(
-        f"exported {len(variants)} kernels ({tuned} tuned or transferred, {len(variants) - tuned} baseline) "
+        f"exported {len(variants)} kernels ({tuned} tuned, selected or transferred, {len(variants) - tuned} baseline) "
         f"for {target.name} to {out / LIBRARY} in {time.perf_counter() - start:.1f}s [{manifest['device_code']}]"
     )
     return manifest

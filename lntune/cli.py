@@ -116,7 +116,7 @@ def _local_gpus(text: str) -> list[int]:
 def cmd_select(args) -> int:
     from lntune.select import select
 
-    print(f"wrote {select(args.target, args.hidden, args.dtype, args.elements)}")
+    print(f"wrote {select(args.target, args.hidden, args.dtype, args.elements)}", flush=True)
     return 0
 
 
@@ -177,7 +177,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--log-dir", type=Path, default=None, help="database folder (default tuning_logs/<target>)")
     r.set_defaults(func=cmd_prune)
 
-    s = sub.add_parser("select", help="keep tuned records only where they beat the baseline as exported")
+    s = sub.add_parser(
+        "select", help="time baseline, tuned and structural variants as exported; keep the fastest per kernel"
+    )
     s.add_argument("--target", required=True)
     s.add_argument("--hidden", type=_ints, required=True)
     s.add_argument("--dtype", type=_words, default=["float32"])

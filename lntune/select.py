@@ -1,32 +1,45 @@
-"""`lntune select`: keep a tuned record only where it wins on the kernel that export really builds.
+"""`lntune select`: time each kernel's candidate knobs as export builds them and keep the fastest.
 
 MetaSchedule measures each candidate with M fixed (static loops, no row predicates); export builds the
-same schedule for symbolic M. The two can rank candidates differently, so this times the exported
-form of the tuned and the baseline knobs on the device, at M = elements / N, and writes the winner
-per kernel to tuning_logs/<target>/selection.json, which `schedules.database.choose` obeys.
+same schedule for symbolic M. The two can rank candidates differently, and the tuning spaces leave
+some structure out (rows per step, who unrolls), so this times, on the device and at M = elements / N,
+the exported form of the baseline, the tuned record and (backward on CUDA) a few structural
+variants around them (schedules.spaces.backward_variants). Every candidate is first run on poisoned
+outputs and compared with the baseline's results. The winner per kernel goes to
+tuning_logs/<target>/selection.json, which `schedules.database.choose` obeys.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import tvm
 
 from lntune.build import kernels_for
-from schedules import database
-from schedules.targets import get_target
+from schedules import database, spaces
+from schedules.targets import TargetInfo, get_target
 from te_ops.layer_norm import Kernel
 
 SELECTION = "selection.json"
+# Relative-norm distance from the baseline's outputs that a candidate may have (summation order only).
+AGREEMENT = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+
+
+def _host_array(shape: list[int], dtype: str, data: np.ndarray | float) -> np.ndarray:
+    numpy_dtype = __import__("ml_dtypes").bfloat16 if dtype == "bfloat16" else dtype
+    return np.broadcast_to(np.asarray(data, dtype=np.float32), shape).astype(numpy_dtype)
 
 
 def device_arguments(kernel: Kernel, rows: int, device, rng: np.random.Generator) -> list:
     """Device tensors for every parameter of the kernel (eps as a float), non-zero random data."""
-    func = kernel.prim_func()
     args = []
-    for param in func.params:
+    for param in kernel.prim_func().params:
         if param.name == "eps":
             args.append(1e-5)
             continue
@@ -34,52 +47,149 @@ def device_arguments(kernel: Kernel, rows: int, device, rng: np.random.Generator
         data = rng.standard_normal(shape, dtype=np.float32) + (3.0 if param.name == "x" else 0.0)
         if param.name == "rstd":
             data = np.abs(data) + 0.5
-        args.append(
-            tvm.runtime.tensor(
-                data.astype(str(param.dtype))
-                if str(param.dtype) != "bfloat16"
-                else data.astype(__import__("ml_dtypes").bfloat16),
-                device,
-            )
-        )
+        args.append(tvm.runtime.tensor(_host_array(shape, str(param.dtype), data), device))
     return args
 
 
-def time_us(kernel: Kernel, target, knobs: dict, args: list, device) -> float:
+def output_names(kernel: Kernel) -> list[str]:
+    """The parameters the kernel writes (its TE compute tensors; eps is a scalar Var)."""
+    return [t.op.name for t in kernel.tensors() if isinstance(getattr(t, "op", None), tvm.te.ComputeOp)]
+
+
+def _library(kernel: Kernel, target: TargetInfo, knobs: dict):
     func = database.scheduled(kernel, target, knobs)
-    lib = tvm.compile(tvm.IRModule({kernel.name: func}), target=tvm.target.Target(target.spec, host="llvm"))
-    timer = lib.mod.time_evaluator(kernel.name, device, number=20, repeat=5)
+    return tvm.compile(tvm.IRModule({kernel.name: func}), target=tvm.target.Target(target.spec, host="llvm"))
+
+
+def time_us(kernel: Kernel, target: TargetInfo, knobs: dict, args: list, device) -> float:
+    """Median microseconds of the exported kernel with these knobs (compiled here)."""
+    return _median_us(_library(kernel, target, knobs).mod, kernel.name, args, device)
+
+
+def _median_us(module, name: str, args: list, device) -> float:
+    timer = module.time_evaluator(name, device, number=20, repeat=5)
     return float(np.median(timer(*args).results)) * 1e6
 
 
+def candidates(kernel: Kernel, target: TargetInfo, records: dict) -> tuple[dict[str, dict], str]:
+    """label -> knobs to time (baseline, tuned, variant<i>), and where the tuned knobs came from."""
+    found = {"baseline": database.baseline_knobs(kernel, target)}
+    choice = database.choose(kernel, target, records, selection={})
+    if not choice.source.startswith("baseline"):
+        found["tuned"] = choice.knobs
+    for index, knobs in enumerate(spaces.backward_variants(kernel, target, found.get("tuned", found["baseline"]))):
+        if knobs not in found.values():
+            found[f"variant{index}"] = knobs
+    return found, choice.source
+
+
+def _build(job: tuple[Kernel, str, dict, str]) -> tuple[str, str]:
+    """Export one candidate to its own shared library (run in a worker); (path, "") or ("", error)."""
+    kernel, target_name, knobs, path = job
+    try:
+        _library(kernel, get_target(target_name), knobs).export_library(path)
+    except Exception as err:  # noqa: BLE001 (a candidate that does not build is left out, with the reason)
+        return "", (str(err).strip().splitlines() or ["?"])[-1][:200]
+    return path, ""
+
+
+def _build_all(target: TargetInfo, plan: dict[Kernel, dict[str, dict]], folder: str, log) -> dict:
+    """(kernel, label) -> library path, built in parallel (nvcc per candidate dominates)."""
+    jobs = {
+        (kernel, label): (kernel, target.name, knobs, os.path.join(folder, f"{kernel.name}-{label}.so"))
+        for kernel, labelled in plan.items()
+        for label, knobs in labelled.items()
+    }
+    # spawn: the workers must not inherit this process's TVM/CUDA state.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1, mp_context=context) as pool:
+        results = dict(zip(jobs, pool.map(_build, jobs.values()), strict=True))
+    built = {}
+    for (kernel, label), (path, error) in results.items():
+        if path:
+            built[kernel, label] = path
+        else:
+            log(f"{kernel.name} {label}: build failed, left out: {error}")
+    return built
+
+
+def _relative_distance(got: np.ndarray, want: np.ndarray) -> float:
+    got, want = got.astype(np.float64), want.astype(np.float64)
+    scale = float(np.linalg.norm(want)) or 1.0
+    return float(np.linalg.norm(got - want)) / scale  # NaN (an unwritten element) stays NaN
+
+
+def _run_once(module, name: str, args: list, outputs: list[int]) -> list[np.ndarray]:
+    """Run on NaN-poisoned outputs and return them; an element the kernel skipped stays NaN."""
+    for index in outputs:
+        shape, dtype = list(args[index].shape), str(args[index].dtype)
+        args[index].copyfrom(_host_array(shape, dtype, np.nan))
+    module[name](*args)
+    return [args[index].numpy() for index in outputs]
+
+
+def _measure(kernel: Kernel, paths: dict[str, str], rows: int, device, rng, log) -> dict[str, float]:
+    """label -> median us of every candidate that agrees with the baseline (the baseline first)."""
+    args = device_arguments(kernel, rows, device, rng)
+    names = [p.name for p in kernel.prim_func().params]
+    outputs = [names.index(name) for name in output_names(kernel)]
+    reference, times = None, {}
+    for label, path in paths.items():
+        module = tvm.runtime.load_module(path)
+        results = _run_once(module, kernel.name, args, outputs)
+        if reference is None:
+            reference = results
+        distance = max(_relative_distance(g, w) for g, w in zip(results, reference, strict=True))
+        if not distance <= AGREEMENT[kernel.dtype]:
+            log(f"{kernel.name} {label}: left out, outputs differ from the baseline's by {distance:.2e}")
+            continue
+        times[label] = _median_us(module, kernel.name, args, device)
+    return times
+
+
 def select(target_name: str, hidden: list[int], dtypes: list[str], elements: int = 1 << 26, log=print) -> Path:
+    """Time the candidates of every kernel with more than one and write selection.json."""
     target = get_target(target_name)
     folder = database.TUNING_LOGS / target.name
     path = folder / SELECTION
-    selection = json.loads(path.read_text()) if path.exists() else {}
+    selection = database.read_selection(folder)
     records = database.read_records(folder)
-    device = target.device()
-    rng = np.random.default_rng(0)
+    plan, sources = {}, {}
     for n in hidden:
         for dtype in dtypes:
             for kernel in kernels_for(n, dtype, target):
-                choice = database.choose(kernel, target, records, selection={})
-                if choice.source == "baseline":
-                    continue
-                rows = max(1, elements // n)
-                args = device_arguments(kernel, rows, device, rng)
-                base = database.baseline_knobs(kernel, target)
-                t_tuned = time_us(kernel, target, choice.knobs, args, device)
-                t_base = time_us(kernel, target, base, args, device)
-                winner = "tuned" if t_tuned <= t_base else "baseline"
-                selection[kernel.name] = {
-                    "choice": winner,
-                    "rows": rows,
-                    "tuned_us": round(t_tuned, 1),
-                    "baseline_us": round(t_base, 1),
-                    "record": choice.source,
-                }
-                log(f"{kernel.name:<44} M={rows:<7} tuned {t_tuned:8.1f} us  baseline {t_base:8.1f} us -> {winner}")
-                del args
-    path.write_text(json.dumps(selection, indent=1, sort_keys=True) + "\n")
+                labelled, sources[kernel] = candidates(kernel, target, records)
+                if len(labelled) > 1:
+                    plan[kernel] = labelled
+    device, rng = target.device(), np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="lntune-select-") as scratch:
+        built = _build_all(target, plan, scratch, log)
+        for kernel, labelled in plan.items():
+            paths = {label: built[kernel, label] for label in labelled if (kernel, label) in built}
+            if "baseline" not in paths:
+                log(f"{kernel.name}: the baseline did not build; nothing selected")
+                continue
+            rows = max(1, elements // kernel.hidden)
+            times = _measure(kernel, paths, rows, device, rng, log)
+            selection[kernel.name] = verdict(labelled, times, rows, sources[kernel])
+            best = selection[kernel.name]
+            log(
+                f"{kernel.name:<44} M={rows:<7} baseline {times['baseline']:8.1f} us  "
+                f"{best['label']} {times[best['label']]:8.1f} us  ({len(times)} timed)"
+            )
+            path.write_text(json.dumps(selection, indent=1, sort_keys=True) + "\n")  # kept if a later one fails
     return path
+
+
+def verdict(labelled: dict[str, dict], times: dict[str, float], rows: int, record: str) -> dict:
+    """The selection.json entry of one kernel: the fastest candidate, its knobs and every timing."""
+    label = min(times, key=times.get)
+    choice = label if label in ("baseline", "tuned") else "variant"
+    return {
+        "choice": choice,
+        "label": label,
+        "knobs": labelled[label],
+        "rows": rows,
+        "us": {name: round(us, 1) for name, us in sorted(times.items(), key=lambda item: item[1])},
+        "record": record,
+    }

@@ -1,0 +1,83 @@
+"""`lntune select` on the CPU: candidates, the agreement check, verdicts, and what export does with them."""
+
+import json
+
+import numpy as np
+import pytest
+import tvm
+
+from lntune import load
+from lntune import select as sel
+from lntune.build import export, kernels_for
+from lntune.check import check_variant
+from schedules import database, spaces
+from schedules.targets import get_target
+from te_ops.layer_norm import Kernel
+
+
+def _cpu_backward(hidden: int = 64, dtype: str = "float32") -> Kernel:
+    return next(k for k in kernels_for(hidden, dtype, get_target("llvm")) if k.op == "backward")
+
+
+def test_cuda_backward_candidates_are_unique_and_start_with_the_baseline():
+    target = get_target("cuda-sm90")
+    kernel = Kernel("backward", 8192, "bfloat16", spaces.parts_for(target, 8192, "bfloat16"))
+    labelled, _source = sel.candidates(kernel, target, records={})
+    assert next(iter(labelled)) == "baseline"
+    knobs = list(labelled.values())
+    assert len(knobs) == len({json.dumps(k, sort_keys=True) for k in knobs}) > 20
+    assert {k["cache_rows"] for k in knobs} == {0, 1}  # past 8192 columns rows may be re-read
+
+
+def test_forward_without_a_record_has_nothing_to_select():
+    target = get_target("cuda-sm90")
+    labelled, source = sel.candidates(Kernel("forward", 1024, "float32"), target, records={})
+    assert list(labelled) == ["baseline"] and source == "baseline"
+
+
+class _SkipsItsOutputs:
+    """A loaded module whose kernel returns without writing anything."""
+
+    def __getitem__(self, name):
+        return lambda *args: None
+
+
+def test_measure_leaves_out_a_candidate_that_does_not_write_its_outputs(tmp_path, monkeypatch):
+    target = get_target("llvm")
+    kernel = _cpu_backward()
+    base = database.baseline_knobs(kernel, target)
+    plan = {kernel: {"baseline": base, "two_rows": {**base, "rows_per_step": 2}}}
+    paths = {label: path for (_, label), path in sel._build_all(target, plan, str(tmp_path), print).items()}
+    paths["lazy"] = "lazy.so"
+    real_load = tvm.runtime.load_module
+    monkeypatch.setattr(tvm.runtime, "load_module", lambda p: _SkipsItsOutputs() if p == "lazy.so" else real_load(p))
+    notes = []
+    times = sel._measure(kernel, paths, 37, tvm.cpu(), np.random.default_rng(3), notes.append)
+    assert set(times) == {"baseline", "two_rows"} and all(t > 0 for t in times.values())
+    assert notes and "lazy: left out" in notes[0] and "nan" in notes[0]
+
+
+def test_verdict_names_the_fastest_and_keeps_every_timing():
+    labelled = {"baseline": {"threads": 64}, "tuned": {"threads": 128}, "variant3": {"threads": 32}}
+    entry = sel.verdict(labelled, {"baseline": 3.0, "tuned": 2.5, "variant3": 2.0}, 1000, "tuned:1:line2:1.0us")
+    assert entry["choice"] == "variant" and entry["label"] == "variant3" and entry["knobs"] == {"threads": 32}
+    assert list(entry["us"]) == ["variant3", "tuned", "baseline"]
+    assert sel.verdict(labelled, {"baseline": 1.0, "tuned": 2.0}, 1000, "")["choice"] == "baseline"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_selected_two_rows_a_step_backward_is_exported_and_correct(tmp_path, dtype):
+    """Two rows a step, through selection.json and export, at row counts that end a chunk mid-step."""
+    target = get_target("llvm")
+    kernel = _cpu_backward(dtype=dtype)
+    knobs = {**database.baseline_knobs(kernel, target), "rows_per_step": 2}
+    (tmp_path / "logs" / "llvm").mkdir(parents=True)
+    selection = {kernel.name: {"choice": "variant", "label": "variant1", "knobs": knobs, "us": {"variant1": 1.0}}}
+    (tmp_path / "logs" / "llvm" / "selection.json").write_text(json.dumps(selection))
+    manifest = export("llvm", [64], [dtype], tmp_path / "lib", logs_dir=tmp_path / "logs", log=lambda *_: None)
+    entry = next(v for v in manifest["variants"] if v["function"] == kernel.name)
+    assert entry["schedule"].startswith("selected:variant1") and entry["knobs"]["rows_per_step"] == 2
+    lib = load(tmp_path / "lib")
+    for rows in (1, 3, 37, 101):
+        bad = [r for r in check_variant(lib, 64, dtype, rows, np.random.default_rng()) if not r.ok]
+        assert not bad, [(r.op, r.output, r.error) for r in bad]
