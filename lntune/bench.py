@@ -2,7 +2,7 @@
 
 For each (hidden N, dtype) variant of a library, M = elements // N rows (past the 50 MB L2 for the
 default 64 Mi elements). Every implementation is checked against the float64 reference before it is
-timed; times are medians of CUDA-event-timed repeats after warm-up. Effective bandwidth counts the
+timed; times are medians of CUDA-event-timed repeats, queued back to back, after warm-up. Effective bandwidth counts the
 minimal bytes (backward: read x and dy, write dx; forward: read x, write y; statistics: read x) and is
 reported as a fraction of a device-to-device copy measured in the same run.
 """
@@ -24,19 +24,24 @@ FIELDS = ["device", "date", "impl", "pass", "dtype", "hidden", "rows", "ms", "gb
 
 
 def _time(fn, torch) -> float:
-    """Median milliseconds of fn() over REPEATS, by CUDA events, after WARMUP calls."""
+    """Median milliseconds of fn() over REPEATS, by CUDA events, after WARMUP calls.
+
+    The calls are queued back to back, as a training step queues them, and each event pair brackets
+    one call's work on the device. The host's cost of launching (Python, argument conversion) counts
+    only where it exceeds the device time, since the device then waits for it: the same rule for
+    every implementation. (Until 2026-11-25 each call waited for the previous one, which added its
+    launch latency, ~5-15 us, to every implementation's time.)
+    """
     for _ in range(WARMUP):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(REPEATS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(REPEATS)]
+    for start, end in events:
         start.record()
         fn()
         end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
 def copy_bandwidth(torch, nbytes: int = 1 << 30) -> float:
