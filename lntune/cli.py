@@ -116,7 +116,7 @@ def _local_gpus(text: str) -> list[int]:
 def cmd_select(args) -> int:
     from lntune.select import select
 
-    print(f"wrote {select(args.target, args.hidden, args.dtype, args.elements)}", flush=True)
+    print(f"wrote {select(args.target, args.hidden, args.dtype, args.elements, args.ops)}", flush=True)
     return 0
 
 
@@ -184,6 +184,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--hidden", type=_ints, required=True)
     s.add_argument("--dtype", type=_words, default=["float32"])
     s.add_argument("--elements", type=int, default=1 << 26, help="M*N at which kernels are timed")
+    s.add_argument("--ops", type=_words, default=None, help="only these ops (default: all four)")
     s.set_defaults(func=cmd_select)
 
     b = sub.add_parser("bench", help="GPU benchmark against ATen, torch.compile and Liger")

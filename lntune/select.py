@@ -4,7 +4,7 @@ MetaSchedule measures each candidate with M fixed (static loops, no row predicat
 same schedule for symbolic M. The two can rank candidates differently, and the tuning spaces leave
 some structure out (rows per step, who unrolls), so this times, on the device and at M = elements / N,
 the exported form of the baseline, the tuned record and (backward on CUDA) a few structural
-variants around them (schedules.spaces.backward_variants). Every candidate is first run on poisoned
+variants around them (schedules.spaces.variants). Every candidate is first run on poisoned
 outputs and compared with the baseline's results. The winner per kernel goes to
 tuning_logs/<target>/selection.json, which `schedules.database.choose` obeys.
 """
@@ -24,7 +24,7 @@ import tvm
 from lntune.build import kernels_for
 from schedules import database, spaces
 from schedules.targets import TargetInfo, get_target
-from te_ops.layer_norm import Kernel
+from te_ops.layer_norm import OPS, Kernel
 
 SELECTION = "selection.json"
 # Relative-norm distance from the baseline's outputs that a candidate may have (summation order only).
@@ -77,7 +77,7 @@ def candidates(kernel: Kernel, target: TargetInfo, records: dict) -> tuple[dict[
     choice = database.choose(kernel, target, records, selection={})
     if not choice.source.startswith("baseline"):
         found["tuned"] = choice.knobs
-    for index, knobs in enumerate(spaces.backward_variants(kernel, target, found.get("tuned", found["baseline"]))):
+    for index, knobs in enumerate(spaces.variants(kernel, target, found.get("tuned", found["baseline"]))):
         if knobs not in found.values():
             found[f"variant{index}"] = knobs
     return found, choice.source
@@ -136,7 +136,13 @@ def _measure(kernel: Kernel, paths: dict[str, str], rows: int, device, rng, log)
     reference, times = None, {}
     for label, path in paths.items():
         module = tvm.runtime.load_module(path)
-        results = _run_once(module, kernel.name, args, outputs)
+        try:
+            results = _run_once(module, kernel.name, args, outputs)
+        except Exception as err:  # noqa: BLE001 (a launch the device refuses, e.g. too much shared memory)
+            if reference is None:
+                raise
+            log(f"{kernel.name} {label}: left out, it did not run: {str(err).strip().splitlines()[-1][:200]}")
+            continue
         if reference is None:
             reference = results
         distance = max(_relative_distance(g, w) for g, w in zip(results, reference, strict=True))
@@ -147,8 +153,18 @@ def _measure(kernel: Kernel, paths: dict[str, str], rows: int, device, rng, log)
     return times
 
 
-def select(target_name: str, hidden: list[int], dtypes: list[str], elements: int = 1 << 26, log=print) -> Path:
-    """Time the candidates of every kernel with more than one and write selection.json."""
+def select(
+    target_name: str,
+    hidden: list[int],
+    dtypes: list[str],
+    elements: int = 1 << 26,
+    ops: list[str] | None = None,
+    log=print,
+) -> Path:
+    """Time the candidates of every kernel (of `ops`, default all) with more than one; update selection.json."""
+    unknown = sorted(set(ops or ()) - set(OPS))
+    if unknown:
+        raise ValueError(f"ops: expected some of {', '.join(OPS)}, got {', '.join(unknown)}")
     target = get_target(target_name)
     folder = database.TUNING_LOGS / target.name
     path = folder / SELECTION
@@ -158,6 +174,8 @@ def select(target_name: str, hidden: list[int], dtypes: list[str], elements: int
     for n in hidden:
         for dtype in dtypes:
             for kernel in kernels_for(n, dtype, target):
+                if ops and kernel.op not in ops:
+                    continue
                 labelled, sources[kernel] = candidates(kernel, target, records)
                 if len(labelled) > 1:
                     plan[kernel] = labelled

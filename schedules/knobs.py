@@ -51,7 +51,8 @@ def annotate_unroll(sch: s_tir.Schedule, loop, step, explicit: bool = True) -> N
 
 
 class Fixed:
-    """Decisions given by name; a knob that is missing or not among the candidates takes the default."""
+    """Decisions given by name; a knob that is missing or not among the candidates takes the middle
+    candidate (a structural knob that is missing, its first)."""
 
     def __init__(self, values: Mapping[str, int] | None = None) -> None:
         self.values = dict(values or {})
@@ -66,6 +67,9 @@ class Fixed:
         return value
 
     def structural(self, sch: s_tir.Schedule, name: str, candidates: Sequence[int]) -> int:
+        # A missing structural knob takes the first candidate: the structure from before it existed.
+        if name not in self.values:
+            self.values[name] = int(candidates[0])
         return self.pick(sch, name, candidates)
 
 

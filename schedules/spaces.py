@@ -12,6 +12,7 @@ baseline or a replayed tuned record. Python never branches on a knob's value, so
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 from tvm import s_tir
@@ -208,7 +209,10 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     Structures: `cache_rows` keeps each row of x and dy in registers between the row reductions and
     dx (one DRAM read); without it the second use re-reads them (from L1/L2), which frees registers
     for the partial accumulators at large N. `cache_gamma` keeps this thread's slice of gamma in
-    registers for the whole chunk.
+    registers for the whole chunk. `rows_per_step` rows are loaded before the first is reduced, and
+    `explicit_unroll` says whether TVM or nvcc unrolls. `shared_acc` (CUDA) keeps the dgamma/dbeta
+    accumulators in dynamic shared memory instead of registers: at N = 16384 they are 128 KB a
+    block, half the register file, which otherwise leaves room for one row in flight.
     """
     gpu = target.is_gpu
     vec = vector_width(kernel, target)
@@ -218,6 +222,7 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     chunked = knobs.structural(sch, "chunked", (0, 1))
     rows_per_step = knobs.structural(sch, "rows_per_step", ROWS_PER_STEP)
     explicit_unroll = knobs.structural(sch, "explicit_unroll", (1, 0))
+    shared_acc = knobs.structural(sch, "shared_acc", (0, 1) if target.family == "cuda" else (0,))
     threads = 1
     if gpu:
         threads = knobs.pick(sch, "threads", thread_candidates(kernel, target, max_per_thread=32 if cache_rows else 64))
@@ -227,7 +232,7 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     accumulators, write_backs = [], []
     for name in ("dgamma_part", "dbeta_part"):
         # The original block now accumulates in registers; the returned one writes them back.
-        write_backs.append(sch.cache_write(sch.get_sblock(name), 0, "local"))
+        write_backs.append(sch.cache_write(sch.get_sblock(name), 0, "shared.dyn" if shared_acc else "local"))
         acc = sch.get_sblock(name)
         p, j, r = sch.get_loops(acc)
         sch.reorder(p, r, j)
@@ -376,14 +381,12 @@ def structures(kernel: Kernel, target: TargetInfo) -> list[dict[str, int]]:
 def default_knobs(kernel: Kernel, target: TargetInfo) -> dict[str, int]:
     """The baseline: knob values chosen by rule (a few vectors per thread, registers within budget)."""
     if not target.is_gpu:
-        return {"cache_rows": 1, "cache_gamma": 1, "rows_per_step": 1}
+        return {"cache_rows": 1, "cache_gamma": 1, "chunked": 1, "rows_per_step": 1}
     if kernel.op == "backward_sum":
-        # Measured on the H100 (bench/NOTES.md): up to N = 4096 lanes over P put enough loads in
-        # flight (P = 528: 9-10 us against 15); past it the columns alone do, and the lanes' tree
-        # reduction only costs (N = 5120-16384: 13-24 us against 9-12).
-        if kernel.hidden > 4096:
-            return {"threads": 256, "lanes": 1, "unroll": 64}
-        return {"threads": 32, "lanes": 32, "unroll": 64}
+        # Measured on the H100 over every split (lntune select, 2026-11-26): 32 columns a block with
+        # P split over 8 lanes (N <= 4096) or 4 (longer rows, more blocks already) took 3.8-7.0 us
+        # where the previous rule (32 x 32 lanes, or 256 columns x 1 lane past 4096) took 7.6-14.
+        return {"threads": 32, "lanes": 8 if kernel.hidden <= 4096 else 4, "unroll": 64}
     if kernel.op in ("forward", "forward_stats"):
         cands = thread_candidates(kernel, target)
         vec = vector_width(kernel, target)
@@ -401,35 +404,61 @@ def default_knobs(kernel: Kernel, target: TargetInfo) -> dict[str, int]:
         "chunked": int(long_row),
         "rows_per_step": 1,
         "explicit_unroll": 1,
+        "shared_acc": 0,
         "threads": threads,
         "unroll": 64,
     }
 
 
-def backward_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[dict[str, int]]:
-    """Structural variants of a GPU backward around `base` for `lntune select` to time as exported.
+def _backward_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[dict[str, int]]:
+    """Structural variants of a CUDA backward around `base`.
 
     The three thread counts nearest the rule's x row layout (interleaved or chunked) x rows per step
-    and who unrolls (TVM or nvcc; two rows a step only with nvcc, see one_pass_backward); past 8192
-    columns also rows re-read instead of cached. Measured on the H100 (bench/NOTES.md), neighbours
-    here differed by up to 3x, for register and local-memory reasons that a rule does not predict.
+    and who unrolls (TVM or nvcc; two rows a step only with nvcc, see one_pass_backward); from 8192
+    columns also rows re-read instead of cached, and dgamma/dbeta accumulated in shared memory.
+    Measured on the H100 (bench/NOTES.md), neighbours here differed by up to 3x, for register and
+    local-memory reasons that a rule does not predict.
     """
-    if kernel.op != "backward" or target.family != "cuda":
-        return []
     rule = default_knobs(kernel, target)
     found = [{**base, "explicit_unroll": 0}]
-    for cache_rows in (1, 0) if kernel.hidden >= 8192 else (1,):
+    long_row = kernel.hidden >= 8192
+    for cache_rows, shared_acc in itertools.product((1, 0) if long_row else (1,), (0, 1) if long_row else (0,)):
         cands = thread_candidates(kernel, target, max_per_thread=32 if cache_rows else 64)
         for threads in sorted(cands, key=lambda t: abs(t - rule["threads"]))[:3]:
             for chunked in (0, 1):
                 for step, explicit in ((1, 1), (1, 0), (ROW_GRANULE, 0)):  # explicit needs one row a step
                     layout = dict(cache_rows=cache_rows, chunked=chunked, rows_per_step=step, threads=threads)
-                    found.append({**rule, **layout, "explicit_unroll": explicit})
+                    found.append({**rule, **layout, "explicit_unroll": explicit, "shared_acc": shared_acc})
     unique = [base]
     for knobs in found:
         if knobs not in unique:
             unique.append(knobs)
     return unique[1:]
+
+
+def _sum_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[dict[str, int]]:
+    """Every columns x lanes split of a partials sum that fits a block (the rule's is one of them).
+
+    The sum moves 2·P·N·4 bytes, a few us of a 150-350 us backward, yet measured 9-24 us: the best
+    split depends on N and P (bench/NOTES.md), and there are only 18 of them.
+    """
+    return [
+        {**base, "threads": columns, "lanes": lanes}
+        for columns in SUM_COLUMNS
+        for lanes in SUM_LANES
+        if columns * lanes <= target.max_threads and (columns, lanes) != (base["threads"], base["lanes"])
+    ]
+
+
+def variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[dict[str, int]]:
+    """Knob sets besides `base` that `lntune select` times as exported (CUDA backward and its sum)."""
+    if target.family != "cuda":
+        return []
+    if kernel.op == "backward":
+        return _backward_variants(kernel, target, base)
+    if kernel.op == "backward_sum":
+        return _sum_variants(kernel, target, base)
+    return []
 
 
 def knob_names(kernel: Kernel, target: TargetInfo) -> Sequence[str]:
@@ -442,11 +471,11 @@ def knob_names(kernel: Kernel, target: TargetInfo) -> Sequence[str]:
 
 __all__ = [
     "apply",
-    "backward_variants",
     "default_knobs",
     "knob_names",
     "parts_for",
     "structures",
     "thread_candidates",
+    "variants",
     "vector_width",
 ]

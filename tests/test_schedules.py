@@ -79,8 +79,8 @@ def _write_database(folder, kernel, target, traced, seconds=1e-4, extra_lines=()
     records.write_text("".join(extra_lines) + records.read_text())
 
 
-STRUCTURAL = ("cache_rows", "cache_gamma", "chunked", "rows_per_step", "explicit_unroll")
-ONE_ROW_A_STEP = {"rows_per_step": 1, "explicit_unroll": 1}  # what the tuning spaces hold
+STRUCTURAL = ("cache_rows", "cache_gamma", "chunked", "rows_per_step", "explicit_unroll", "shared_acc")
+ONE_ROW_A_STEP = {"rows_per_step": 1, "explicit_unroll": 1, "shared_acc": 0}  # as the tuning spaces hold
 
 
 def _traced(kernel, target, knobs):
@@ -119,7 +119,7 @@ def test_tuned_record_keeps_rows_per_step_and_unrolling(tmp_path, rows_per_step,
     target = get_target("cuda-sm90")
     kernel = Kernel("backward", 2048, "bfloat16", spaces.parts_for(target, 2048, "bfloat16"))
     layout = {"rows_per_step": rows_per_step, "explicit_unroll": explicit_unroll}
-    wanted = {"cache_rows": 1, "cache_gamma": 1, "chunked": 1, **layout, "threads": 128, "unroll": 64}
+    wanted = {"cache_rows": 1, "cache_gamma": 1, "chunked": 1, **layout, "shared_acc": 0, "threads": 128, "unroll": 64}
     _write_database(tmp_path, kernel, target, _traced(kernel, target, wanted))
     assert database.choose(kernel, target, database.read_records(tmp_path), selection={}).knobs == wanted
 
@@ -127,7 +127,7 @@ def test_tuned_record_keeps_rows_per_step_and_unrolling(tmp_path, rows_per_step,
 def test_chooser_takes_a_selected_variant_and_checks_it():
     target = get_target("cuda-sm90")
     kernel = Kernel("backward", 768, "float32", spaces.parts_for(target, 768, "float32"))
-    variant = spaces.backward_variants(kernel, target, database.baseline_knobs(kernel, target))[-1]
+    variant = spaces.variants(kernel, target, database.baseline_knobs(kernel, target))[-1]
     verdict = {"choice": "variant", "label": "variant9", "knobs": variant, "us": {"variant9": 1.0}}
     choice = database.choose(kernel, target, {}, selection={kernel.name: verdict})
     assert choice.knobs == variant and choice.source.startswith("selected:variant9")
@@ -140,7 +140,7 @@ def test_backward_variants_build_for_cuda():
     """Every structural variant that select may time passes TVM's GPU checks and generates code."""
     target = get_target("cuda-sm90")
     kernel = Kernel("backward", 1024, "float32", spaces.parts_for(target, 1024, "float32"))
-    variants = spaces.backward_variants(kernel, target, database.baseline_knobs(kernel, target))
+    variants = spaces.variants(kernel, target, database.baseline_knobs(kernel, target))
     assert {(v["rows_per_step"], v["explicit_unroll"]) for v in variants} == {(1, 1), (1, 0), (2, 0)}
     for knobs in variants:
         source = _cuda_source(kernel, knobs)
@@ -235,3 +235,15 @@ def test_cpu_bfloat16_backward_candidates_build():
         design.trace.apply_to_schedule(sch, remove_postproc=True)
         assert all(p.apply(sch) for p in context.space_generator.postprocs)
         tvm.compile(sch.mod, target=llvm)
+
+
+@pytest.mark.parametrize("rows_per_step", [1, 2])
+def test_shared_accumulators_use_dynamic_shared_memory(rows_per_step):
+    """shared_acc=1 puts dgamma/dbeta (2 x 16384 fp32 = 128 KB, past the 48 KB static limit) in
+    dynamic shared memory, leaving registers for the rows."""
+    target = get_target("cuda-sm90")
+    kernel = Kernel("backward", 16384, "bfloat16", spaces.parts_for(target, 16384, "bfloat16"))
+    base = database.baseline_knobs(kernel, target)
+    registers = _cuda_source(kernel, {**base, "rows_per_step": rows_per_step, "explicit_unroll": 0})
+    shared = _cuda_source(kernel, {**base, "rows_per_step": rows_per_step, "explicit_unroll": 0, "shared_acc": 1})
+    assert "extern __shared__" not in registers and "extern __shared__" in shared

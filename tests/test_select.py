@@ -29,6 +29,22 @@ def test_cuda_backward_candidates_are_unique_and_start_with_the_baseline():
     assert {k["cache_rows"] for k in knobs} == {0, 1}  # past 8192 columns rows may be re-read
 
 
+def test_partials_sum_candidates_are_every_split_that_fits_a_block():
+    target = get_target("cuda-sm90")
+    kernel = Kernel("backward_sum", 16384, "float32", spaces.parts_for(target, 16384, "float32"))
+    labelled, _source = sel.candidates(kernel, target, records={})
+    splits = {(k["threads"], k["lanes"]) for k in labelled.values()}
+    assert len(splits) == len(labelled) == 18 and all(c * lanes <= 1024 for c, lanes in splits)
+    for knobs in labelled.values():  # each passes TVM's GPU checks
+        mod = tvm.IRModule({kernel.name: database.scheduled(kernel, target, knobs)})
+        tvm.compile(mod, target=tvm.target.Target(target.spec, host="llvm"))
+
+
+def test_select_rejects_an_unknown_op_before_doing_anything():
+    with pytest.raises(ValueError, match="ops: expected some of forward.*got backwards"):
+        sel.select("cuda-sm90", [1024], ["float32"], ops=["backwards"])
+
+
 def test_forward_without_a_record_has_nothing_to_select():
     target = get_target("cuda-sm90")
     labelled, source = sel.candidates(Kernel("forward", 1024, "float32"), target, records={})
