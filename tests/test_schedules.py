@@ -1,5 +1,6 @@
 """Design spaces, baselines on every target family, and the schedule chooser."""
 
+import json
 import warnings
 
 import pytest
@@ -247,3 +248,20 @@ def test_shared_accumulators_use_dynamic_shared_memory(rows_per_step):
     registers = _cuda_source(kernel, {**base, "rows_per_step": rows_per_step, "explicit_unroll": 0})
     shared = _cuda_source(kernel, {**base, "rows_per_step": rows_per_step, "explicit_unroll": 0, "shared_acc": 1})
     assert "extern __shared__" not in registers and "extern __shared__" in shared
+
+
+def test_rocm_takes_cuda_selected_knobs_but_not_the_nvcc_ones(tmp_path, monkeypatch):
+    """Rows per step, who unrolls and shared accumulators were measured with nvcc: not carried over."""
+    cuda, rocm = get_target("cuda-sm90"), get_target("rocm-gfx942")
+    parts = spaces.parts_for(cuda, 768, "bfloat16")
+    variant = {"cache_rows": 1, "cache_gamma": 0, "chunked": 1, "rows_per_step": 2, "explicit_unroll": 0}
+    variant = {**variant, "shared_acc": 0, "threads": 96, "unroll": 16}
+    selection = {Kernel("backward", 768, "bfloat16", parts).name: {"choice": "variant", "knobs": variant}}
+    (tmp_path / cuda.name).mkdir()
+    (tmp_path / cuda.name / "selection.json").write_text(json.dumps(selection))
+    monkeypatch.setattr(database, "TUNING_LOGS", tmp_path)
+    kernel = Kernel("backward", 768, "bfloat16", spaces.parts_for(rocm, 768, "bfloat16"))
+    choice = database.choose(kernel, rocm, records={}, selection={})
+    assert choice.source.startswith("transfer:cuda-sm90:untimed:selected")
+    assert choice.knobs["threads"] == 96 and choice.knobs["unroll"] == 16
+    assert (choice.knobs["rows_per_step"], choice.knobs["explicit_unroll"]) == (1, 1)
