@@ -15,6 +15,7 @@ import json
 import multiprocessing
 import os
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -153,6 +154,25 @@ def _measure(kernel: Kernel, paths: dict[str, str], rows: int, device, rng, log)
     return times
 
 
+def time_plan(
+    target: TargetInfo, plan: dict[Kernel, dict[str, dict]], elements: int = 1 << 26, log=print
+) -> Iterator[tuple[Kernel, int, dict[str, float]]]:
+    """Build every candidate of `plan` (kernel -> label -> knobs) in parallel, then yield each kernel
+    with its row count M = elements / N and label -> median us. The first label of a kernel is the
+    reference the others must agree with; a kernel whose reference did not build is skipped."""
+    device, rng = target.device(), np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="lntune-select-") as scratch:
+        built = _build_all(target, plan, scratch, log)
+        for kernel, labelled in plan.items():
+            paths = {label: built[kernel, label] for label in labelled if (kernel, label) in built}
+            reference = next(iter(labelled))
+            if reference not in paths:
+                log(f"{kernel.name}: {reference} did not build; not timed")
+                continue
+            rows = max(1, elements // kernel.hidden)
+            yield kernel, rows, _measure(kernel, paths, rows, device, rng, log)
+
+
 def select(
     target_name: str,
     hidden: list[int],
@@ -179,23 +199,14 @@ def select(
                 labelled, sources[kernel] = candidates(kernel, target, records)
                 if len(labelled) > 1:
                     plan[kernel] = labelled
-    device, rng = target.device(), np.random.default_rng(0)
-    with tempfile.TemporaryDirectory(prefix="lntune-select-") as scratch:
-        built = _build_all(target, plan, scratch, log)
-        for kernel, labelled in plan.items():
-            paths = {label: built[kernel, label] for label in labelled if (kernel, label) in built}
-            if "baseline" not in paths:
-                log(f"{kernel.name}: the baseline did not build; nothing selected")
-                continue
-            rows = max(1, elements // kernel.hidden)
-            times = _measure(kernel, paths, rows, device, rng, log)
-            selection[kernel.name] = verdict(labelled, times, rows, sources[kernel])
-            best = selection[kernel.name]
-            log(
-                f"{kernel.name:<44} M={rows:<7} baseline {times['baseline']:8.1f} us  "
-                f"{best['label']} {times[best['label']]:8.1f} us  ({len(times)} timed)"
-            )
-            path.write_text(json.dumps(selection, indent=1, sort_keys=True) + "\n")  # kept if a later one fails
+    for kernel, rows, times in time_plan(target, plan, elements, log):
+        selection[kernel.name] = verdict(plan[kernel], times, rows, sources[kernel])
+        best = selection[kernel.name]
+        log(
+            f"{kernel.name:<44} M={rows:<7} baseline {times['baseline']:8.1f} us  "
+            f"{best['label']} {times[best['label']]:8.1f} us  ({len(times)} timed)"
+        )
+        path.write_text(json.dumps(selection, indent=1, sort_keys=True) + "\n")  # kept if a later one fails
     return path
 
 

@@ -97,3 +97,21 @@ def test_a_selected_two_rows_a_step_backward_is_exported_and_correct(tmp_path, d
     for rows in (1, 3, 37, 101):
         bad = [r for r in check_variant(lib, 64, dtype, rows, np.random.default_rng()) if not r.ok]
         assert not bad, [(r.op, r.output, r.error) for r in bad]
+
+
+def test_time_plan_times_every_built_candidate_and_skips_a_kernel_without_its_reference(monkeypatch):
+    target = get_target("llvm")
+    kernel = _cpu_backward()
+    base = database.baseline_knobs(kernel, target)
+    unbuilt = Kernel("backward", 48, "float32", 16)
+    plan = {kernel: {"baseline": base, "two_rows": {**base, "rows_per_step": 2}}, unbuilt: {"baseline": base}}
+    build_all = sel._build_all
+
+    def without_unbuilt(target, plan, folder, log):
+        return {key: path for key, path in build_all(target, plan, folder, log).items() if key[0] != unbuilt}
+
+    monkeypatch.setattr(sel, "_build_all", without_unbuilt)
+    notes = []
+    timed = list(sel.time_plan(target, plan, elements=64 * 37, log=notes.append))
+    assert [(k, rows, sorted(times)) for k, rows, times in timed] == [(kernel, 37, ["baseline", "two_rows"])]
+    assert any(unbuilt.name in note and "baseline did not build" in note for note in notes)

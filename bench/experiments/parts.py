@@ -3,7 +3,7 @@
     python3 bench/experiments/parts.py OUT.jsonl
 
 P is a rule (schedules.spaces.parts_for); this measures what other values would give, kernel by
-kernel, with lntune.select's build and measure helpers (time_evaluator medians, M*N = 2**26).
+kernel, with lntune.select.time_plan (time_evaluator medians, M*N = 2**26).
 """
 
 from __future__ import annotations
@@ -19,12 +19,8 @@ PARTS = (132, 264, 528, 1056)
 
 
 def main() -> None:
-    import tempfile
-
-    import numpy as np
-
-    from lntune import select as sel
     from lntune.build import kernels_for
+    from lntune.select import time_plan
     from schedules import database
     from schedules.targets import get_target
     from te_ops.layer_norm import Kernel
@@ -37,23 +33,10 @@ def main() -> None:
         for parts in PARTS:
             for op in ("backward", "backward_sum"):
                 plan[Kernel(op, n, dtype, parts)] = {"chosen": knobs[op]}
-    out = Path(sys.argv[1]).open("a")
-    with tempfile.TemporaryDirectory() as scratch:
-        built = sel._build_all(target, plan, scratch, print)
-        rng = np.random.default_rng(0)
-        for kernel in plan:
-            if (kernel, "chosen") not in built:
-                continue
-            rows = (1 << 26) // kernel.hidden
-            times = sel._measure(kernel, {"chosen": built[kernel, "chosen"]}, rows, target.device(), rng, print)
-            row = {
-                "op": kernel.op,
-                "hidden": kernel.hidden,
-                "dtype": kernel.dtype,
-                "parts": kernel.parts,
-                "rows": rows,
-                "us": round(times.get("chosen", float("nan")), 2),
-            }
+    with Path(sys.argv[1]).open("a") as out:
+        for kernel, rows, times in time_plan(target, plan):
+            row = {"op": kernel.op, "hidden": kernel.hidden, "dtype": kernel.dtype, "parts": kernel.parts}
+            row.update(rows=rows, us=round(times.get("chosen", float("nan")), 2))
             print(json.dumps(row), flush=True)
             out.write(json.dumps(row) + "\n")
 

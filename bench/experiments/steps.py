@@ -7,7 +7,7 @@ Run on the H100 on 2026-11-26 (results/steps-H100-2026-11-26.jsonl); the patch i
 lntune because four rows a step lost everywhere (bench/NOTES.md), while it would change the
 chunking of every backward.
 
-Each (N, dtype, P) is timed with lntune.select's helpers (poisoned outputs checked against the
+Each (N, dtype, P) is timed with lntune.select.time_plan (poisoned outputs checked against the
 first candidate, the selected knobs at that P; time_evaluator medians at M*N = 2**26), together
 with its partials sum, so P's cost in partials is counted.
 """
@@ -32,12 +32,8 @@ def _grid(knobs: dict, allowed: list[int]) -> dict[str, dict]:
 
 
 def main() -> None:
-    import tempfile
-
-    import numpy as np
-
-    from lntune import select as sel
     from lntune.build import kernels_for
+    from lntune.select import time_plan
     from schedules import database, spaces
     from schedules.targets import get_target
     from te_ops.layer_norm import Kernel
@@ -51,32 +47,14 @@ def main() -> None:
             kernel = Kernel("backward", n, dtype, parts)
             plan[kernel] = _grid(chosen["backward"], spaces.thread_candidates(kernel, target, max_per_thread=32))
             plan[Kernel("backward_sum", n, dtype, parts)] = {"selected": chosen["backward_sum"]}
-    out = Path(sys.argv[1]).open("a")
-    with tempfile.TemporaryDirectory() as scratch:
-        built = sel._build_all(target, plan, scratch, print)
-        rng = np.random.default_rng(0)
-        for kernel, labelled in plan.items():
-            paths = {label: built[kernel, label] for label in labelled if (kernel, label) in built}
-            rows = (1 << 26) // kernel.hidden
-            times = sel._measure(kernel, paths, rows, target.device(), rng, print) if "selected" in paths else {}
+    with Path(sys.argv[1]).open("a") as out:
+        for kernel, _rows, times in time_plan(target, plan):
             for label, us in times.items():
-                row = {
-                    "op": kernel.op,
-                    "hidden": kernel.hidden,
-                    "dtype": kernel.dtype,
-                    "parts": kernel.parts,
-                    "label": label,
-                    "knobs": labelled[label],
-                    "us": round(us, 2),
-                }
+                row = {"op": kernel.op, "hidden": kernel.hidden, "dtype": kernel.dtype, "parts": kernel.parts}
+                row.update(label=label, knobs=plan[kernel][label], us=round(us, 2))
                 out.write(json.dumps(row) + "\n")
-            best = min(times, key=times.get) if times else None
-            print(
-                kernel.name,
-                {k: round(v, 1) for k, v in sorted(times.items(), key=lambda i: i[1])[:4]},
-                best,
-                flush=True,
-            )
+            fastest = dict(sorted(times.items(), key=lambda item: item[1])[:4])
+            print(kernel.name, {label: round(us, 1) for label, us in fastest.items()}, flush=True)
 
 
 if __name__ == "__main__":
