@@ -116,7 +116,7 @@ def _local_gpus(text: str) -> list[int]:
 def cmd_select(args) -> int:
     from lntune.select import select
 
-    print(f"wrote {select(args.target, args.hidden, args.dtype, args.elements, args.ops)}", flush=True)
+    print(f"wrote {select(args.target, args.hidden, args.dtype, args.elements, args.ops, args.focus)}", flush=True)
     return 0
 
 
@@ -185,6 +185,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", type=_words, default=["float32"])
     s.add_argument("--elements", type=int, default=1 << 26, help="M*N at which kernels are timed")
     s.add_argument("--ops", type=_words, default=None, help="only these ops (default: all four)")
+    s.add_argument(
+        "--focus", default=None, help="a knob: time only the baseline, today's selection and the variants that set it"
+    )
     s.set_defaults(func=cmd_select)
 
     b = sub.add_parser("bench", help="GPU benchmark against ATen, torch.compile and Liger")

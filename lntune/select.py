@@ -72,8 +72,14 @@ def _median_us(module, name: str, args: list, device) -> float:
     return float(np.median(timer(*args).results)) * 1e6
 
 
-def candidates(kernel: Kernel, target: TargetInfo, records: dict) -> tuple[dict[str, dict], str]:
-    """label -> knobs to time (baseline, tuned, variant<i>), and where the tuned knobs came from."""
+def candidates(
+    kernel: Kernel, target: TargetInfo, records: dict, focus: str | None = None, selected: dict | None = None
+) -> tuple[dict[str, dict], str]:
+    """label -> knobs to time (baseline, tuned, variant<i>), and where the tuned knobs came from.
+
+    With `focus` (a knob name), only the baseline, the `selected` knobs and the candidates that set
+    that knob: a new knob is measured against today's choice without re-timing every variant.
+    """
     found = {"baseline": database.baseline_knobs(kernel, target)}
     choice = database.choose(kernel, target, records, selection={})
     if not choice.source.startswith("baseline"):
@@ -81,6 +87,12 @@ def candidates(kernel: Kernel, target: TargetInfo, records: dict) -> tuple[dict[
     for index, knobs in enumerate(spaces.variants(kernel, target, found.get("tuned", found["baseline"]))):
         if knobs not in found.values():
             found[f"variant{index}"] = knobs
+    if focus:
+        found = {
+            label: knobs
+            for label, knobs in found.items()
+            if label == "baseline" or knobs == selected or knobs.get(focus)
+        }
     return found, choice.source
 
 
@@ -179,9 +191,13 @@ def select(
     dtypes: list[str],
     elements: int = 1 << 26,
     ops: list[str] | None = None,
+    focus: str | None = None,
     log=print,
 ) -> Path:
-    """Time the candidates of every kernel (of `ops`, default all) with more than one; update selection.json."""
+    """Time the candidates of every kernel (of `ops`, default all) with more than one; update selection.json.
+
+    `focus`: see `candidates`; the verdict then comes from this run's timings of those candidates.
+    """
     unknown = sorted(set(ops or ()) - set(OPS))
     if unknown:
         raise ValueError(f"ops: expected some of {', '.join(OPS)}, got {', '.join(unknown)}")
@@ -196,7 +212,8 @@ def select(
             for kernel in kernels_for(n, dtype, target):
                 if ops and kernel.op not in ops:
                     continue
-                labelled, sources[kernel] = candidates(kernel, target, records)
+                selected = database.choose(kernel, target, records, selection).knobs if focus else None
+                labelled, sources[kernel] = candidates(kernel, target, records, focus, selected)
                 if len(labelled) > 1:
                     plan[kernel] = labelled
     for kernel, rows, times in time_plan(target, plan, elements, log):

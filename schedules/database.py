@@ -284,4 +284,4 @@ def scheduled(kernel: Kernel, target: TargetInfo, knobs: dict) -> tvm.tirx.PrimF
     sch = tvm.s_tir.Schedule(kernel.prim_func())
     fixed = Fixed(knobs)
     spaces.apply(sch, kernel, target, fixed)
-    return sch.mod["main"].with_attr("global_symbol", kernel.name)
+    return spaces.with_launch_bounds(sch.mod["main"]).with_attr("global_symbol", kernel.name)

@@ -16,7 +16,7 @@ import itertools
 from collections.abc import Sequence
 
 from tvm import s_tir
-from tvm.tirx import ForKind, IntImm
+from tvm.tirx import AttrStmt, For, ForKind, IntImm, PrimFunc, SeqStmt
 
 from schedules.knobs import Recorder, annotate_unroll
 from schedules.targets import TargetInfo
@@ -28,6 +28,11 @@ SUM_LANES = (1, 2, 4, 8, 16, 32)  # columns x lanes > max_threads is rejected by
 UNROLL_STEPS = (0, 16, 64, 512)
 ROWS_PER_STEP = (1, ROW_GRANULE)  # backward rows whose x and dy are loaded together (a structural knob)
 ROWS_PER_STEP_KEY = "lntune.rows_per_step"  # marks the split in a trace (schedules.database._structure)
+# Resident threads per SM that a CUDA backward asks ptxas to fit (0: no request), and the loop
+# annotation that carries the resulting minimum blocks per SM to with_launch_bounds.
+THREADS_PER_SM = (0, 1024, 1536, 2048)
+MIN_BLOCKS_KEY = "lntune.min_blocks_per_sm"
+REGISTERS_PER_SM = 65536  # every CUDA GPU since sm_50
 CPU_VECTOR_BYTES = 32
 
 
@@ -213,6 +218,9 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     `explicit_unroll` says whether TVM or nvcc unrolls. `shared_acc` (CUDA) keeps the dgamma/dbeta
     accumulators in dynamic shared memory instead of registers: at N = 16384 they are 128 KB a
     block, half the register file, which otherwise leaves room for one row in flight.
+    `threads_per_sm` (CUDA) asks ptxas, through __launch_bounds__, to keep the registers per thread
+    low enough for that many resident threads: left alone it gives most 16-bit kernels 128
+    registers, 512 threads an SM, too few row loads in flight to cover DRAM latency.
     """
     gpu = target.is_gpu
     vec = vector_width(kernel, target)
@@ -223,6 +231,7 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     rows_per_step = knobs.structural(sch, "rows_per_step", ROWS_PER_STEP)
     explicit_unroll = knobs.structural(sch, "explicit_unroll", (1, 0))
     shared_acc = knobs.structural(sch, "shared_acc", (0, 1) if target.family == "cuda" else (0,))
+    threads_per_sm = knobs.structural(sch, "threads_per_sm", THREADS_PER_SM if target.family == "cuda" else (0,))
     threads = 1
     if gpu:
         threads = knobs.pick(sch, "threads", thread_candidates(kernel, target, max_per_thread=32 if cache_rows else 64))
@@ -276,6 +285,10 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
         sch.bind(chunk, "blockIdx.x")
     else:
         sch.parallel(chunk)
+    if threads_per_sm:
+        if not isinstance(threads, int):
+            raise ValueError("threads_per_sm needs a fixed thread count (it is not a tuning structure)")
+        sch.annotate(chunk, MIN_BLOCKS_KEY, max(1, threads_per_sm // threads))
     spread = dict(gpu=gpu, units=kernel.hidden, chunked=chunked)
     for block in caches:
         _spread_row(sch, block, threads, vec, vectorize=True, **spread)
@@ -292,6 +305,30 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
         _unroll(sch, chunk, knobs, explicit=bool(explicit_unroll))
     if needs_unbound_pair(kernel, target):
         unbind_pair_reduction(sch)
+
+
+def with_launch_bounds(func: PrimFunc) -> PrimFunc:
+    """Turn a MIN_BLOCKS_KEY loop annotation into the attribute TVM's CUDA codegen emits as
+    `__launch_bounds__(threads, min_blocks)`. Schedules cannot place that attribute themselves."""
+    realize = func.body
+    root = realize.block
+
+    def visit(stmt):
+        if isinstance(stmt, SeqStmt):
+            return SeqStmt([visit(s) for s in stmt.seq])
+        if not isinstance(stmt, For) or MIN_BLOCKS_KEY not in stmt.annotations:
+            return stmt
+        blocks = IntImm("int32", int(stmt.annotations[MIN_BLOCKS_KEY]))
+        body = AttrStmt(IntImm("int32", 0), "tirx.launch_bounds_min_blocks_per_sm", blocks, stmt.body)
+        rest = {k: v for k, v in stmt.annotations.items() if k != MIN_BLOCKS_KEY}
+        return For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding, rest)
+
+    body = visit(root.body)
+    if body.same_as(root.body):
+        return func
+    fields = ("iter_vars", "reads", "writes", "name_hint", "body", "init", "alloc_buffers", "match_buffers")
+    block = s_tir.SBlock(*(body if f == "body" else getattr(root, f) for f in fields), root.annotations)
+    return func.with_body(s_tir.SBlockRealize(realize.iter_values, realize.predicate, block))
 
 
 def _legalized_bf16(kernel: Kernel, target: TargetInfo) -> bool:
@@ -405,6 +442,7 @@ def default_knobs(kernel: Kernel, target: TargetInfo) -> dict[str, int]:
         "rows_per_step": 1,
         "explicit_unroll": 1,
         "shared_acc": 0,
+        "threads_per_sm": 0,
         "threads": threads,
         "unroll": 64,
     }
@@ -429,11 +467,37 @@ def _backward_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[d
                 for step, explicit in ((1, 1), (1, 0), (ROW_GRANULE, 0)):  # explicit needs one row a step
                     layout = dict(cache_rows=cache_rows, chunked=chunked, rows_per_step=step, threads=threads)
                     found.append({**rule, **layout, "explicit_unroll": explicit, "shared_acc": shared_acc})
+    # Appended, so that the labels of the variants above (variant<i> in selection.json) stay put.
+    found += [{**knobs, "threads_per_sm": t} for knobs in found for t in _occupancies(kernel, knobs)]
     unique = [base]
     for knobs in found:
         if knobs not in unique:
             unique.append(knobs)
     return unique[1:]
+
+
+def registers_needed(kernel: Kernel, knobs: dict) -> int:
+    """A rough count of the 32-bit registers a backward thread keeps live: its cached rows, fp32
+    accumulators, gamma slice and 16-bit dx staging, plus ~20 for addresses, row statistics and the
+    allreduce. Checked against ptxas for every CUDA backward (sm_90, 2026-11-26): where this fits a
+    register budget, ptxas fitted it without spilling in all but a few cases."""
+    per_thread = kernel.hidden // knobs["threads"]
+    words = 1.0 if kernel.dtype == "float32" else 0.5
+    rows = knobs["rows_per_step"] * 2 * per_thread * words if knobs["cache_rows"] else 0
+    accumulators = 0 if knobs["shared_acc"] else 2 * per_thread
+    gamma = per_thread * words if knobs["cache_gamma"] else 0
+    staging = per_thread * words if words < 1 else 0
+    return int(rows + accumulators + gamma + staging) + 20
+
+
+def _occupancies(kernel: Kernel, knobs: dict) -> list[int]:
+    """threads_per_sm requests (beyond none) that a block of these knobs can meet without spilling,
+    by registers_needed against the 64K registers of an SM. Only with nvcc unrolling (what won where
+    occupancy was low) and register accumulators (shared ones are bound by shared memory instead)."""
+    if knobs["explicit_unroll"] or knobs["shared_acc"]:
+        return []
+    need = registers_needed(kernel, knobs)
+    return [t for t in THREADS_PER_SM[1:] if knobs["threads"] <= t and need * t <= REGISTERS_PER_SM]
 
 
 def _sum_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[dict[str, int]]:
@@ -478,4 +542,5 @@ __all__ = [
     "thread_candidates",
     "variants",
     "vector_width",
+    "with_launch_bounds",
 ]

@@ -81,7 +81,9 @@ def _write_database(folder, kernel, target, traced, seconds=1e-4, extra_lines=()
 
 
 STRUCTURAL = ("cache_rows", "cache_gamma", "chunked", "rows_per_step", "explicit_unroll", "shared_acc")
-ONE_ROW_A_STEP = {"rows_per_step": 1, "explicit_unroll": 1, "shared_acc": 0}  # as the tuning spaces hold
+STRUCTURAL += ("threads_per_sm",)
+# as the tuning spaces hold
+ONE_ROW_A_STEP = {"rows_per_step": 1, "explicit_unroll": 1, "shared_acc": 0, "threads_per_sm": 0}
 
 
 def _traced(kernel, target, knobs):
@@ -120,7 +122,8 @@ def test_tuned_record_keeps_rows_per_step_and_unrolling(tmp_path, rows_per_step,
     target = get_target("cuda-sm90")
     kernel = Kernel("backward", 2048, "bfloat16", spaces.parts_for(target, 2048, "bfloat16"))
     layout = {"rows_per_step": rows_per_step, "explicit_unroll": explicit_unroll}
-    wanted = {"cache_rows": 1, "cache_gamma": 1, "chunked": 1, **layout, "shared_acc": 0, "threads": 128, "unroll": 64}
+    wanted = {"cache_rows": 1, "cache_gamma": 1, "chunked": 1, **layout, "shared_acc": 0, "threads_per_sm": 0}
+    wanted.update(threads=128, unroll=64)
     _write_database(tmp_path, kernel, target, _traced(kernel, target, wanted))
     assert database.choose(kernel, target, database.read_records(tmp_path), selection={}).knobs == wanted
 
@@ -208,6 +211,26 @@ def test_backward_reduces_c1_and_c2_in_one_allreduce():
     knobs = {**ONE_ROW_A_STEP, "cache_rows": 1, "cache_gamma": 1, "chunked": 0, "threads": 64, "unroll": 64}
     source = _cuda_source(kernel, knobs)
     assert source.count("__syncthreads()") == 2
+
+
+@pytest.mark.parametrize("threads_per_sm,bounds", [(0, "__launch_bounds__(512)"), (1024, "__launch_bounds__(512, 2)")])
+def test_threads_per_sm_reaches_the_launch_bounds(threads_per_sm, bounds):
+    """threads_per_sm becomes __launch_bounds__'s minimum blocks per SM (what ptxas budgets registers by)."""
+    kernel = Kernel("backward", 4096, "bfloat16", 528)
+    knobs = {**ONE_ROW_A_STEP, "cache_rows": 1, "cache_gamma": 1, "chunked": 1, "threads": 512, "unroll": 64}
+    source = _cuda_source(kernel, {**knobs, "rows_per_step": 2, "explicit_unroll": 0, "threads_per_sm": threads_per_sm})
+    assert f"{bounds} lntune_backward_bfloat16_n4096_p528_kernel(" in source
+
+
+def test_occupancy_variants_fit_the_register_file():
+    """select's threads_per_sm variants only ask for what registers_needed says fits 64K registers."""
+    target = get_target("cuda-sm90")
+    kernel = Kernel("backward", 4096, "bfloat16", 528)
+    found = spaces.variants(kernel, target, database.baseline_knobs(kernel, target))
+    occupied = [v for v in found if v["threads_per_sm"]]
+    assert occupied and all(v["threads"] <= v["threads_per_sm"] for v in occupied)
+    assert all(spaces.registers_needed(kernel, v) * v["threads_per_sm"] <= 65536 for v in occupied)
+    assert {v["threads"] for v in occupied} == {512}  # 256 threads keep 16 columns each: ~100 registers
 
 
 @pytest.mark.parametrize("lanes", [1, 32])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-CASES = [(n, d) for d in ("bfloat16", "float32") for n in (1024, 4096, 5120, 8192, 16384)]
+CASES = [(n, d) for d in ("bfloat16", "float32") for n in (768, 1024, 2048, 4096, 5120, 8192, 16384)]
 PARTS = (132, 264, 528, 1056)
 
 
