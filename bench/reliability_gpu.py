@@ -160,7 +160,7 @@ def index(out: Path) -> dict:
     import tvm
 
     from lntune.select import device_arguments, time_us
-    from schedules import database, spaces
+    from schedules import database
     from schedules.targets import get_target
     from te_ops.layer_norm import Kernel
 
@@ -169,7 +169,7 @@ def index(out: Path) -> dict:
     result = {}
     for n, dtype in ((1024, "float32"), (1024, "bfloat16"), (4096, "float32"), (4096, "bfloat16")):
         for op in ("forward", "backward"):
-            kernel = Kernel(op, n, dtype, spaces.parts_for(target, n, dtype) if op == "backward" else 0)
+            kernel = Kernel(op, n, dtype, database.selected_parts(target, n, dtype) if op == "backward" else 0)
             knobs = database.choose(kernel, target).knobs
             args = device_arguments(kernel, (1 << 26) // n, device, rng)
             wide = time_us(kernel, target, knobs, args, device)

@@ -14,7 +14,7 @@ from pathlib import Path
 import tvm
 
 from lntune import __version__, toolchain
-from schedules import database, spaces
+from schedules import database
 from schedules.targets import TargetInfo, get_target
 from te_ops.layer_norm import DTYPES, Kernel
 
@@ -22,9 +22,11 @@ LIBRARY = "lntune.so"
 MANIFEST = "manifest.json"
 
 
-def kernels_for(hidden: int, dtype: str, target: TargetInfo) -> list[Kernel]:
-    """The four kernels of one (hidden, dtype) variant."""
-    parts = spaces.parts_for(target, hidden, dtype)
+def kernels_for(hidden: int, dtype: str, target: TargetInfo, parts: int | None = None) -> list[Kernel]:
+    """The four kernels of one (hidden, dtype) variant; P as `lntune select --parts` chose it (the
+    committed selection.json) unless given."""
+    if parts is None:
+        parts = database.selected_parts(target, hidden, dtype)
     return [
         Kernel("forward", hidden, dtype),
         Kernel("forward_stats", hidden, dtype),
@@ -67,7 +69,7 @@ def export(
     mod, variants = tvm.IRModule(), []
     for n in hidden:
         for dtype in dtypes:
-            for kernel in kernels_for(n, dtype, target):
+            for kernel in kernels_for(n, dtype, target, database.selected_parts(target, n, dtype, selection)):
                 choice = database.choose(kernel, target, records, selection)
                 mod[kernel.name] = database.scheduled(kernel, target, choice.knobs)
                 variants.append(

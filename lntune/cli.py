@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -83,12 +84,19 @@ def cmd_tune(args) -> int:
 
 def cmd_prune(args) -> int:
     from lntune.build import kernels_for
+    from schedules import spaces
     from schedules.database import TUNING_LOGS, workload_hash
     from schedules.targets import get_target
     from schedules.tune import exclusive, prune
 
     target = get_target(args.target)
-    live = {workload_hash(k, target) for n in args.hidden for d in args.dtype for k in kernels_for(n, d, target)}
+    # Records at the rule's P stay too: select times them as the "tuned" candidate at any P.
+    rule = [spaces.parts_for(target, n, d) for n in args.hidden for d in args.dtype]
+    live = {
+        workload_hash(k, target)
+        for (n, d), p in zip(itertools.product(args.hidden, args.dtype), rule, strict=True)
+        for k in kernels_for(n, d, target) + kernels_for(n, d, target, p)
+    }
     log_dir = Path(args.log_dir or TUNING_LOGS / target.name)
     with exclusive(log_dir):
         before, after = prune(log_dir, args.keep, live)
@@ -114,9 +122,13 @@ def _local_gpus(text: str) -> list[int]:
 
 
 def cmd_select(args) -> int:
-    from lntune.select import select
+    from lntune.select import select, select_parts
 
-    print(f"wrote {select(args.target, args.hidden, args.dtype, args.elements, args.ops, args.focus)}", flush=True)
+    if args.parts:
+        path = select_parts(args.target, args.hidden, args.dtype, args.elements)
+    else:
+        path = select(args.target, args.hidden, args.dtype, args.elements, args.ops, args.focus)
+    print(f"wrote {path}", flush=True)
     return 0
 
 
@@ -187,6 +199,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--ops", type=_words, default=None, help="only these ops (default: all four)")
     s.add_argument(
         "--focus", default=None, help="a knob: time only the baseline, today's selection and the variants that set it"
+    )
+    s.add_argument(
+        "--parts", action="store_true", help="choose P (backward row chunks) per hidden size and dtype instead"
     )
     s.set_defaults(func=cmd_select)
 

@@ -17,6 +17,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +225,55 @@ def select(
             f"{best['label']} {times[best['label']]:8.1f} us  ({len(times)} timed)"
         )
         path.write_text(json.dumps(selection, indent=1, sort_keys=True) + "\n")  # kept if a later one fails
+    return path
+
+
+def select_parts(target_name: str, hidden: list[int], dtypes: list[str], elements: int = 1 << 26, log=print) -> Path:
+    """Choose P per (N, dtype): time the backward and its partials sum at every
+    spaces.parts_candidates P with today's knobs, keep the P with the least total in selection.json
+    (read by build.kernels_for), and give the kernels at that P verdicts with the knobs timed."""
+    target = get_target(target_name)
+    folder = database.TUNING_LOGS / target.name
+    path = folder / SELECTION
+    selection, records = database.read_selection(folder), database.read_records(folder)
+    plan, sources = {}, {}
+    for n in hidden:
+        for dtype in dtypes:
+            for kernel in kernels_for(n, dtype, target, database.selected_parts(target, n, dtype, selection)):
+                if not kernel.op.startswith("backward"):
+                    continue
+                choice = database.choose(kernel, target, records, selection)
+                for parts in spaces.parts_candidates(target):
+                    plan[replace(kernel, parts=parts)] = {"today": choice.knobs}
+                    sources[replace(kernel, parts=parts)] = choice.source
+    timed: dict[tuple[int, str], dict[int, dict[str, float]]] = {}
+    rows_of = {}
+    for kernel, rows, times in time_plan(target, plan, elements, log):
+        if "today" in times:
+            timed.setdefault((kernel.hidden, kernel.dtype), {}).setdefault(kernel.parts, {})[kernel.op] = times["today"]
+            rows_of[kernel.hidden] = rows
+    for (n, dtype), by_parts in timed.items():
+        totals = {p: sum(ops.values()) for p, ops in by_parts.items() if len(ops) == 2}
+        if not totals:
+            log(f"{dtype} N={n}: no P had both kernels run; P left as it was")
+            continue
+        best = min(totals, key=totals.get)
+        us = {str(p): round(t, 1) for p, t in sorted(totals.items(), key=lambda item: item[1])}
+        selection[database.parts_key(n, dtype)] = {"parts": best, "rows": rows_of[n], "us": us}
+        for op, op_us in by_parts[best].items():
+            kernel = Kernel(op, n, dtype, best)
+            if selection.get(kernel.name, {}).get("knobs") == plan[kernel]["today"]:
+                continue  # P unchanged: the verdict that chose these knobs, with all its timings, stays
+            selection[kernel.name] = {
+                "choice": "variant",
+                "label": "today",
+                "knobs": plan[kernel]["today"],
+                "rows": rows_of[n],
+                "us": {"today": round(op_us, 1)},
+                "record": f"select --parts: {sources[kernel]}",
+            }
+        log(f"{dtype:<9} N={n:<6} P={best:<5} backward + sum {totals[best]:8.1f} us  (every P: {us})")
+        path.write_text(json.dumps(selection, indent=1, sort_keys=True) + "\n")
     return path
 
 

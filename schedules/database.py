@@ -175,6 +175,21 @@ def read_selection(folder: Path) -> dict:
         return {}
 
 
+def parts_key(hidden: int, dtype: str) -> str:
+    """The selection.json key of the P that `lntune select --parts` chose for one (N, dtype)."""
+    return f"parts:{dtype}:n{hidden}"
+
+
+def selected_parts(target: TargetInfo, hidden: int, dtype: str, selection: dict | None = None) -> int:
+    """P for the backward of (hidden, dtype): the measured choice in selection.json, else the rule's."""
+    if selection is None:
+        selection = read_selection(TUNING_LOGS / target.name)
+    parts = selection.get(parts_key(hidden, dtype), {}).get("parts")
+    if isinstance(parts, int) and parts > 0:
+        return parts
+    return spaces.parts_for(target, hidden, dtype)
+
+
 def _timings(verdict: dict) -> str:
     """The chosen candidate's and the baseline's time from a selection.json entry."""
     us = verdict.get("us", {})
@@ -195,12 +210,28 @@ def _exact_knobs(kernel: Kernel, target: TargetInfo, knobs) -> dict | None:
     return fixed.used if all(fixed.used.get(name) == value for name, value in knobs.items()) else None
 
 
+def _record_sources(kernel: Kernel, target: TargetInfo) -> list[tuple[Kernel, str]]:
+    """Whose tuned record a kernel may use, in order: its own; the same kernel at the rule's P (P only
+    sizes the row chunks, the knobs do not depend on it); its 16-bit twin's (same vector width and
+    thread candidates, so the decisions carry over). All but the first are marked, and untimed."""
+    sources = [(kernel, "tuned")]
+    rule = spaces.parts_for(target, kernel.hidden, kernel.dtype) if kernel.parts else kernel.parts
+    if rule != kernel.parts:
+        sources.append((replace(kernel, parts=rule), f"transfer:p{rule}"))
+    if kernel.dtype in TWIN_DTYPES:
+        twin = TWIN_DTYPES[kernel.dtype]
+        sources.append((replace(kernel, dtype=twin), f"transfer:{twin}"))
+        if rule != kernel.parts:
+            sources.append((replace(kernel, dtype=twin, parts=rule), f"transfer:{twin}:p{rule}"))
+    return sources
+
+
 def choose(
     kernel: Kernel, target: TargetInfo, records: dict[str, Record] | None = None, selection: dict | None = None
 ) -> Choice:
     """The knobs `lntune select` measured fastest as exported (selection.json: baseline, tuned or a
-    structural variant); without a verdict, the tuned knobs when a record matches the workload, else
-    its 16-bit twin's (marked "transfer:"), else the baseline's."""
+    structural variant); without a verdict, the tuned knobs of the first record _record_sources
+    finds, else the baseline's."""
     if records is None:
         records = read_records(TUNING_LOGS / target.name)
     if selection is None:
@@ -213,11 +244,9 @@ def choose(
         if knobs is not None:
             return Choice(knobs, f"selected:{verdict.get('label', 'variant')} ({_timings(verdict)})")
         warnings.warn(f"{kernel.name}: selected variant does not fit the design space; not used", stacklevel=2)
-    record = records.get(workload_hash(kernel, target)) if records else None
-    prefix = "tuned"
-    if record is None and records and kernel.dtype in TWIN_DTYPES:
-        twin = replace(kernel, dtype=TWIN_DTYPES[kernel.dtype])
-        record, prefix = records.get(workload_hash(twin, target)), f"transfer:{twin.dtype}"
+    sources = _record_sources(kernel, target) if records else []
+    found = ((records.get(workload_hash(k, target)), label) for k, label in sources)  # lazily: hashing costs
+    record, prefix = next(((r, label) for r, label in found if r is not None), (None, "tuned"))
     if record is None and target.family == "rocm":
         return _from_cuda(kernel, target)
     if record is None:
@@ -242,7 +271,7 @@ def _from_cuda(kernel: Kernel, target: TargetInfo) -> Choice:
     from schedules.targets import get_target
 
     cuda = get_target(CUDA_SOURCE_OF_ROCM)
-    twin = replace(kernel, parts=spaces.parts_for(cuda, kernel.hidden, kernel.dtype)) if kernel.parts else kernel
+    twin = replace(kernel, parts=selected_parts(cuda, kernel.hidden, kernel.dtype)) if kernel.parts else kernel
     chosen = choose(twin, cuda)
     if chosen.source.startswith("baseline"):
         return Choice(baseline_knobs(kernel, target), "baseline")

@@ -82,6 +82,14 @@ def parts_for(target: TargetInfo, hidden: int, dtype: str) -> int:
     return waves * target.cores
 
 
+PARTS_WAVES = (1, 2, 4, 8)  # P candidates, in multiples of the SM/CU count (lntune select --parts)
+
+
+def parts_candidates(target: TargetInfo) -> list[int]:
+    """The P values `lntune select --parts` times: a few blocks per SM or CU (CPUs: the rule's only)."""
+    return [waves * target.cores for waves in PARTS_WAVES] if target.is_gpu else [parts_for(target, 1, "float32")]
+
+
 def is_const_int(expr, value: int) -> bool:
     return isinstance(expr, IntImm) and int(expr) == value
 
@@ -537,6 +545,7 @@ __all__ = [
     "apply",
     "default_knobs",
     "knob_names",
+    "parts_candidates",
     "parts_for",
     "structures",
     "thread_candidates",

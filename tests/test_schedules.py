@@ -116,6 +116,20 @@ def test_chooser_prefers_a_tuned_record_and_falls_back(tmp_path):
     assert database.choose(kernel, target, records, selection=verdict).source.startswith("baseline (selected")
 
 
+def test_a_kernel_at_another_p_takes_the_record_tuned_at_the_rules_p(tmp_path):
+    """P only sizes the row chunks: a P chosen by select --parts keeps the knobs tuned at the rule's P."""
+    target = get_target("cuda-sm90")
+    rule = spaces.parts_for(target, 4096, "float32")
+    kernel = Kernel("backward", 4096, "float32", rule)
+    wanted = {**ONE_ROW_A_STEP, "cache_rows": 1, "cache_gamma": 0, "chunked": 1, "threads": 512, "unroll": 16}
+    _write_database(tmp_path, kernel, target, _traced(kernel, target, wanted))
+    records = database.read_records(tmp_path)
+    moved = database.choose(Kernel("backward", 4096, "float32", rule * 2), target, records, selection={})
+    assert moved.source.startswith(f"transfer:p{rule}:") and moved.knobs == wanted
+    twin_moved = database.choose(Kernel("backward", 4096, "bfloat16", rule * 2), target, records, selection={})
+    assert twin_moved.source == "baseline"  # a float32 record is no 16-bit kernel's twin
+
+
 @pytest.mark.parametrize("rows_per_step,explicit_unroll", [(2, 0), (1, 0), (1, 1)])
 def test_tuned_record_keeps_rows_per_step_and_unrolling(tmp_path, rows_per_step, explicit_unroll):
     """MetaSchedule drops the one-candidate structure samples; the annotations must still say them."""

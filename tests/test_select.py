@@ -115,3 +115,25 @@ def test_time_plan_times_every_built_candidate_and_skips_a_kernel_without_its_re
     timed = list(sel.time_plan(target, plan, elements=64 * 37, log=notes.append))
     assert [(k, rows, sorted(times)) for k, rows, times in timed] == [(kernel, 37, ["baseline", "two_rows"])]
     assert any(unbuilt.name in note and "baseline did not build" in note for note in notes)
+
+
+def test_select_parts_keeps_the_fastest_p_and_export_builds_at_it(tmp_path, monkeypatch):
+    """select --parts on the CPU over two P: the verdict is the least total, and export, kernels_for and
+    the runner all take that P, with correct results where chunks end mid-matrix."""
+    (tmp_path / "llvm").mkdir()
+    monkeypatch.setattr(database, "TUNING_LOGS", tmp_path)
+    monkeypatch.setattr(spaces, "parts_candidates", lambda target: [16, 6])
+    sel.select_parts("llvm", [64], ["float32"], elements=64 * 40, log=lambda *_: None)
+    selection = json.loads((tmp_path / "llvm" / "selection.json").read_text())
+    entry = selection[database.parts_key(64, "float32")]
+    assert set(entry["us"]) == {"16", "6"} and entry["us"][str(entry["parts"])] == min(entry["us"].values())
+    chosen = entry["parts"]
+    target = get_target("llvm")
+    assert [k.parts for k in kernels_for(64, "float32", target) if k.parts] == [chosen, chosen]
+    manifest = export("llvm", [64], ["float32"], tmp_path / "lib", logs_dir=tmp_path, log=lambda *_: None)
+    backward = next(v for v in manifest["variants"] if v["op"] == "backward")
+    assert backward["parts"] == chosen and backward["schedule"].startswith("selected:today")
+    lib = load(tmp_path / "lib")
+    for rows in (1, 7, 41):
+        bad = [r for r in check_variant(lib, 64, "float32", rows, np.random.default_rng()) if not r.ok]
+        assert not bad, [(r.op, r.output, r.error) for r in bad]

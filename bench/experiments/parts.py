@@ -2,7 +2,8 @@
 
     python3 bench/experiments/parts.py OUT.jsonl
 
-P is a rule (schedules.spaces.parts_for); this measures what other values would give, kernel by
+P was a rule (schedules.spaces.parts_for) when this was written; `lntune select --parts` now does
+the same measurement and keeps the winner. This measures what other values would give, kernel by
 kernel, with lntune.select.time_plan (time_evaluator medians, M*N = 2**26).
 """
 
