@@ -35,8 +35,17 @@ def tune_rows(kernel: Kernel, target: TargetInfo) -> int:
 
 
 def workload(kernel: Kernel, target: TargetInfo) -> tvm.IRModule:
-    """The IRModule MetaSchedule tunes and measures for `kernel` (M fixed to tune_rows)."""
-    return tvm.IRModule({"main": kernel.prim_func(rows=tune_rows(kernel, target), eps=TUNE_EPS)})
+    """The IRModule MetaSchedule tunes and measures for `kernel` (M fixed to tune_rows).
+
+    The backward's stages are inlined: the tuning spaces do not stage rows, and the workload (and
+    its hash, which tuned records are found by) stays what it was before the stages existed.
+    """
+    func = kernel.prim_func(rows=tune_rows(kernel, target), eps=TUNE_EPS)
+    if kernel.op == "backward":
+        sch = tvm.s_tir.Schedule(func)
+        spaces.inline_stages(sch)
+        func = sch.mod["main"]
+    return tvm.IRModule({"main": func})
 
 
 def workload_hash(kernel: Kernel, target: TargetInfo) -> str:
@@ -262,7 +271,7 @@ def choose(
 
 
 CUDA_SOURCE_OF_ROCM = "cuda-sm90"
-NVCC_KNOBS = ("rows_per_step", "explicit_unroll", "shared_acc")
+NVCC_KNOBS = ("rows_per_step", "explicit_unroll", "shared_acc", "threads_per_sm", "stage_rows")
 
 
 def _from_cuda(kernel: Kernel, target: TargetInfo) -> Choice:

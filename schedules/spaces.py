@@ -20,7 +20,7 @@ from tvm.tirx import AttrStmt, For, ForKind, IntImm, PrimFunc, SeqStmt
 
 from schedules.knobs import Recorder, annotate_unroll
 from schedules.targets import TargetInfo
-from te_ops.layer_norm import ROW_GRANULE, Kernel
+from te_ops.layer_norm import BACKWARD_STAGES, ROW_GRANULE, Kernel
 
 ROWS_PER_BLOCK = (1, 2, 4, 8)
 SUM_COLUMNS = (32, 64, 128, 256)
@@ -226,6 +226,9 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     `explicit_unroll` says whether TVM or nvcc unrolls. `shared_acc` (CUDA) keeps the dgamma/dbeta
     accumulators in dynamic shared memory instead of registers: at N = 16384 they are 128 KB a
     block, half the register file, which otherwise leaves room for one row in flight.
+    `stage_rows` (with cached rows; not ROCm) keeps xhat, float dy and dy·gamma of the current row in
+    registers: computed once instead of in each block that uses them (each block sits under its own
+    row predicate, so nvcc cannot share them between blocks).
     `threads_per_sm` (CUDA) asks ptxas, through __launch_bounds__, to keep the registers per thread
     low enough for that many resident threads: left alone it gives most 16-bit kernels 128
     registers, 512 threads an SM, too few row loads in flight to cover DRAM latency.
@@ -243,6 +246,10 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     threads = 1
     if gpu:
         threads = knobs.pick(sch, "threads", thread_candidates(kernel, target, max_per_thread=32 if cache_rows else 64))
+    # Not on ROCm yet: its ISA with staged rows is unchecked. CPUs have it so tests can check it.
+    staged = knobs.structural(sch, "stage_rows", (0, 1) if target.family != "rocm" and cache_rows else (0,))
+    if not staged:
+        inline_stages(sch)
     dx_write_back = _row_write_back(sch, "dx", vec, gpu)
     # Rows split as [chunk, step, granule], the granule matching te_ops' chunk rounding exactly.
     row_nests = [sch.split(sch.get_loops(sch.get_sblock(b))[0], [kernel.parts, None, ROW_GRANULE]) for b in ("c", "dx")]
@@ -271,11 +278,15 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     for index in (0, 1):  # c1, c2
         sch.set_scope(sch.get_sblock("c"), index, "local")
     dx = sch.get_sblock("dx")
+    readers = {"x": sch.get_sblock("xhat"), "dy": sch.get_sblock("dyf")} if staged else {"x": dx, "dy": dx}
+    for name in ("xhat", "dyg", "dyf") if staged else ():  # consumers before producers
+        sch.compute_at(sch.get_sblock(name), row)
+        sch.set_scope(sch.get_sblock(name), 0, "local")
     caches = []
     # Every reader of x, dy and gamma shares its cache, so no consumer_blocks: trace simplification
     # drops the get_sblock instructions that only feed such a list.
     for buffer in ("x", "dy") if cache_rows else ():
-        cache = sch.cache_read(dx, _read_index(sch, dx, buffer), "local")
+        cache = sch.cache_read(readers[buffer], _read_index(sch, readers[buffer], buffer), "local")
         sch.compute_at(cache, step)
         if rows_per_step > 1:
             # Steps start at an even row (chunks are ROW_GRANULE multiples), so row % step names the
@@ -286,7 +297,8 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
             sch.unroll(sch.get_loops(cache)[-2])  # the step's rows; the row's own loop is split below
         caches.append(cache)
     if cache_gamma:
-        gamma = sch.cache_read(dx, _read_index(sch, dx, "gamma"), "local")
+        reader = sch.get_sblock("dyg") if staged else dx
+        gamma = sch.cache_read(reader, _read_index(sch, reader, "gamma"), "local")
         sch.compute_at(gamma, chunk)
         caches.append(gamma)
     if gpu:
@@ -300,6 +312,8 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     spread = dict(gpu=gpu, units=kernel.hidden, chunked=chunked)
     for block in caches:
         _spread_row(sch, block, threads, vec, vectorize=True, **spread)
+    for name in ("xhat", "dyf", "dyg") if staged else ():
+        _spread_row(sch, sch.get_sblock(name), threads, vec, vectorize=True, lanes=4, **spread)
     _store_row(sch, "dx", row, threads, vec, write_back=dx_write_back, **spread)
     for block in accumulators:
         _spread_row(sch, block, threads, vec, vectorize=True, lanes=4, **spread)
@@ -337,6 +351,17 @@ def with_launch_bounds(func: PrimFunc) -> PrimFunc:
     fields = ("iter_vars", "reads", "writes", "name_hint", "body", "init", "alloc_buffers", "match_buffers")
     block = s_tir.SBlock(*(body if f == "body" else getattr(root, f) for f in fields), root.annotations)
     return func.with_body(s_tir.SBlockRealize(realize.iter_values, realize.predicate, block))
+
+
+def inline_stages(sch: s_tir.Schedule) -> None:
+    """Inline the backward's per-element stages (te_ops.layer_norm.BACKWARD_STAGES) that the function
+    still has: the kernel as it was before they existed, with every use recomputing them."""
+    for name in BACKWARD_STAGES:
+        try:
+            block = sch.get_sblock(name)
+        except s_tir.ScheduleError:  # already inlined (a tuning workload)
+            continue
+        sch.compute_inline(block)
 
 
 def _legalized_bf16(kernel: Kernel, target: TargetInfo) -> bool:
@@ -451,6 +476,7 @@ def default_knobs(kernel: Kernel, target: TargetInfo) -> dict[str, int]:
         "explicit_unroll": 1,
         "shared_acc": 0,
         "threads_per_sm": 0,
+        "stage_rows": 0,
         "threads": threads,
         "unroll": 64,
     }
@@ -476,7 +502,11 @@ def _backward_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[d
                     layout = dict(cache_rows=cache_rows, chunked=chunked, rows_per_step=step, threads=threads)
                     found.append({**rule, **layout, "explicit_unroll": explicit, "shared_acc": shared_acc})
     # Appended, so that the labels of the variants above (variant<i> in selection.json) stay put.
-    found += [{**knobs, "threads_per_sm": t} for knobs in found for t in _occupancies(kernel, knobs)]
+    plain = list(found)
+    found += [{**knobs, "threads_per_sm": t} for knobs in plain for t in _occupancies(kernel, knobs)]
+    # Staged rows with nvcc unrolling only: TVM's explicit unrolling lost nearly everywhere it was timed.
+    staged = [{**knobs, "stage_rows": 1} for knobs in plain if knobs["cache_rows"] and not knobs["explicit_unroll"]]
+    found += staged + [{**knobs, "threads_per_sm": t} for knobs in staged for t in _occupancies(kernel, knobs)]
     unique = [base]
     for knobs in found:
         if knobs not in unique:
@@ -495,7 +525,8 @@ def registers_needed(kernel: Kernel, knobs: dict) -> int:
     accumulators = 0 if knobs["shared_acc"] else 2 * per_thread
     gamma = per_thread * words if knobs["cache_gamma"] else 0
     staging = per_thread * words if words < 1 else 0
-    return int(rows + accumulators + gamma + staging) + 20
+    stages = 3 * per_thread if knobs.get("stage_rows") else 0  # xhat, dy and dy*gamma of one row in fp32
+    return int(rows + accumulators + gamma + staging + stages) + 20
 
 
 def _occupancies(kernel: Kernel, knobs: dict) -> list[int]:

@@ -19,6 +19,10 @@ OPS = ("forward", "forward_stats", "backward", "backward_sum")
 # Backward chunks hold a multiple of this many rows, so a schedule can step through them that many
 # at a time without a remainder (schedules.spaces.ROWS_PER_STEP).
 ROW_GRANULE = 2
+# Per-element stages of the backward that a schedule keeps in registers or inlines. (Per-row stages
+# for c1/N and c2/N were tried: TVM 0.27's allreduce lowering then scaled its shared result in
+# place from every thread, a race.)
+BACKWARD_STAGES = ("xhat", "dyg", "dyf")
 
 
 def _rows(rows: int | None) -> tirx.PrimExpr:
@@ -105,11 +109,17 @@ def backward(n: int, dtype: str, parts: int, rows: int | None = None):
     rstd = te.placeholder((rows,), ACC, "rstd")
     gamma = te.placeholder((_dim(n),), dtype, "gamma")
 
+    # xhat, float dy and dy*gamma as stages: a schedule computes them once per element into registers
+    # (the pair reduction, dx and the partials all use them) or inlines them into every use.
+    xhat_t = te.compute((rows, _dim(n)), lambda i, j: (_f32(x[i, j]) - mean[i]) * rstd[i], name="xhat")
+    dyf_t = te.compute((rows, _dim(n)), lambda i, j: _f32(dy[i, j]), name="dyf")
+    dyg_t = te.compute((rows, _dim(n)), lambda i, j: dyf_t[i, j] * _f32(gamma[j]), name="dyg")
+
     def xhat(i, j):
-        return (_f32(x[i, j]) - mean[i]) * rstd[i]
+        return xhat_t[i, j]
 
     def dyg(i, j):
-        return _f32(dy[i, j]) * _f32(gamma[j])
+        return dyg_t[i, j]
 
     # c1 and c2 as one reduction of a pair: one cross-thread allreduce (one set of barriers) per row.
     k = te.reduce_axis((0, _dim(n)), "k")
@@ -131,11 +141,11 @@ def backward(n: int, dtype: str, parts: int, rows: int | None = None):
 
     dgamma_part = te.compute(
         (_dim(parts), _dim(n)),
-        lambda p, j: te.sum(masked(p, r1, lambda i: _f32(dy[i, j]) * xhat(i, j)), axis=r1),
+        lambda p, j: te.sum(masked(p, r1, lambda i: dyf_t[i, j] * xhat(i, j)), axis=r1),
         name="dgamma_part",
     )
     dbeta_part = te.compute(
-        (_dim(parts), _dim(n)), lambda p, j: te.sum(masked(p, r2, lambda i: _f32(dy[i, j])), axis=r2), name="dbeta_part"
+        (_dim(parts), _dim(n)), lambda p, j: te.sum(masked(p, r2, lambda i: dyf_t[i, j]), axis=r2), name="dbeta_part"
     )
     return [dy, x, mean, rstd, gamma, dx, dgamma_part, dbeta_part]
 

@@ -49,4 +49,6 @@ def rel_error(got: np.ndarray, want: np.ndarray) -> float:
 
 
 # Relative-norm tolerances per dtype: float32 accumulates in float32; 16-bit outputs are rounded once.
-TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+# float32: a single row's rstd (one value, so its relative error is the norm's) from N = 4096 float32
+# terms measured 1.26e-5 once in CI-like runs (rounding of the sums); wrong formulas give >= 1e-3.
+TOLERANCE = {"float32": 3e-5, "float16": 2e-3, "bfloat16": 1.6e-2}

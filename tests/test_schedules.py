@@ -1,6 +1,7 @@
 """Design spaces, baselines on every target family, and the schedule chooser."""
 
 import json
+import re
 import warnings
 
 import pytest
@@ -81,9 +82,15 @@ def _write_database(folder, kernel, target, traced, seconds=1e-4, extra_lines=()
 
 
 STRUCTURAL = ("cache_rows", "cache_gamma", "chunked", "rows_per_step", "explicit_unroll", "shared_acc")
-STRUCTURAL += ("threads_per_sm",)
+STRUCTURAL += ("threads_per_sm", "stage_rows")
 # as the tuning spaces hold
-ONE_ROW_A_STEP = {"rows_per_step": 1, "explicit_unroll": 1, "shared_acc": 0, "threads_per_sm": 0}
+ONE_ROW_A_STEP = {"rows_per_step": 1, "explicit_unroll": 1, "shared_acc": 0, "threads_per_sm": 0, "stage_rows": 0}
+
+
+def _records_of(folder, kernel, target, knobs) -> dict:
+    """The records read back from a database in `folder` holding one tuned record with `knobs`."""
+    _write_database(folder, kernel, target, _traced(kernel, target, knobs))
+    return database.read_records(folder)
 
 
 def _traced(kernel, target, knobs):
@@ -105,8 +112,7 @@ def test_chooser_prefers_a_tuned_record_and_falls_back(tmp_path):
     target = get_target("cuda-sm90")
     kernel = Kernel("backward", 4096, "float32", spaces.parts_for(target, 4096, "float32"))
     wanted = {**ONE_ROW_A_STEP, "cache_rows": 1, "cache_gamma": 0, "chunked": 1, "threads": 512, "unroll": 16}
-    _write_database(tmp_path, kernel, target, _traced(kernel, target, wanted))
-    records = database.read_records(tmp_path)
+    records = _records_of(tmp_path, kernel, target, wanted)
     choice = database.choose(kernel, target, records, selection={})
     assert choice.source.startswith("tuned:")
     assert choice.knobs == wanted
@@ -122,8 +128,7 @@ def test_a_kernel_at_another_p_takes_the_record_tuned_at_the_rules_p(tmp_path):
     rule = spaces.parts_for(target, 4096, "float32")
     kernel = Kernel("backward", 4096, "float32", rule)
     wanted = {**ONE_ROW_A_STEP, "cache_rows": 1, "cache_gamma": 0, "chunked": 1, "threads": 512, "unroll": 16}
-    _write_database(tmp_path, kernel, target, _traced(kernel, target, wanted))
-    records = database.read_records(tmp_path)
+    records = _records_of(tmp_path, kernel, target, wanted)
     moved = database.choose(Kernel("backward", 4096, "float32", rule * 2), target, records, selection={})
     assert moved.source.startswith(f"transfer:p{rule}:") and moved.knobs == wanted
     twin_moved = database.choose(Kernel("backward", 4096, "bfloat16", rule * 2), target, records, selection={})
@@ -137,9 +142,9 @@ def test_tuned_record_keeps_rows_per_step_and_unrolling(tmp_path, rows_per_step,
     kernel = Kernel("backward", 2048, "bfloat16", spaces.parts_for(target, 2048, "bfloat16"))
     layout = {"rows_per_step": rows_per_step, "explicit_unroll": explicit_unroll}
     wanted = {"cache_rows": 1, "cache_gamma": 1, "chunked": 1, **layout, "shared_acc": 0, "threads_per_sm": 0}
+    wanted["stage_rows"] = 0
     wanted.update(threads=128, unroll=64)
-    _write_database(tmp_path, kernel, target, _traced(kernel, target, wanted))
-    assert database.choose(kernel, target, database.read_records(tmp_path), selection={}).knobs == wanted
+    assert database.choose(kernel, target, _records_of(tmp_path, kernel, target, wanted), selection={}).knobs == wanted
 
 
 def test_chooser_takes_a_selected_variant_and_checks_it():
@@ -170,8 +175,8 @@ def test_float16_takes_bfloat16_records_as_a_transfer(tmp_path):
     parts = spaces.parts_for(target, 1024, "bfloat16")
     bf16 = Kernel("backward", 1024, "bfloat16", parts)
     wanted = {**ONE_ROW_A_STEP, "cache_rows": 1, "cache_gamma": 1, "chunked": 0, "threads": 64, "unroll": 512}
-    _write_database(tmp_path, bf16, target, _traced(bf16, target, wanted))
-    choice = database.choose(Kernel("backward", 1024, "float16", parts), target, database.read_records(tmp_path), {})
+    records = _records_of(tmp_path, bf16, target, wanted)
+    choice = database.choose(Kernel("backward", 1024, "float16", parts), target, records, {})
     assert choice.source.startswith("transfer:bfloat16") and choice.knobs == wanted
 
 
@@ -245,6 +250,17 @@ def test_occupancy_variants_fit_the_register_file():
     assert occupied and all(v["threads"] <= v["threads_per_sm"] for v in occupied)
     assert all(spaces.registers_needed(kernel, v) * v["threads_per_sm"] <= 65536 for v in occupied)
     assert {v["threads"] for v in occupied} == {512}  # 256 threads keep 16 columns each: ~100 registers
+
+
+def test_staged_rows_leave_the_allreduce_result_to_thread_zero():
+    """With stage_rows, only the allreduce's own thread-0 stores write its shared result (a per-row
+    stage computed from it once scaled it in place from every thread: a race, see te_ops)."""
+    kernel = Kernel("backward", 4096, "bfloat16", 264)
+    knobs = {**ONE_ROW_A_STEP, "cache_rows": 1, "cache_gamma": 1, "chunked": 1, "threads": 512, "unroll": 64}
+    source = _cuda_source(kernel, {**knobs, "rows_per_step": 2, "explicit_unroll": 0, "stage_rows": 1})
+    stores = re.findall(r"\(\(volatile float\*\)red_result\w*\)\[0\] = ([^;]*);", source)
+    assert stores and all(value.startswith("red_buf") for value in stores), stores
+    assert "xhat_local" in source and "dyg_local" in source
 
 
 @pytest.mark.parametrize("lanes", [1, 32])

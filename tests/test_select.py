@@ -81,18 +81,28 @@ def test_verdict_names_the_fastest_and_keeps_every_timing():
     assert sel.verdict(labelled, {"baseline": 1.0, "tuned": 2.0}, 1000, "")["choice"] == "baseline"
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_a_selected_two_rows_a_step_backward_is_exported_and_correct(tmp_path, dtype):
-    """Two rows a step, through selection.json and export, at row counts that end a chunk mid-step."""
+@pytest.mark.parametrize(
+    "dtype,changed",
+    [
+        ("float32", {"rows_per_step": 2}),
+        ("bfloat16", {"rows_per_step": 2}),
+        ("float32", {"rows_per_step": 2, "stage_rows": 1}),
+        ("float16", {"stage_rows": 1}),
+    ],
+)
+def test_a_selected_backward_variant_is_exported_and_correct(tmp_path, dtype, changed):
+    """Two rows a step and staged rows, through selection.json and export, at row counts that end a
+    chunk mid-step."""
     target = get_target("llvm")
     kernel = _cpu_backward(dtype=dtype)
-    knobs = {**database.baseline_knobs(kernel, target), "rows_per_step": 2}
+    knobs = {**database.baseline_knobs(kernel, target), **changed}
     (tmp_path / "logs" / "llvm").mkdir(parents=True)
     selection = {kernel.name: {"choice": "variant", "label": "variant1", "knobs": knobs, "us": {"variant1": 1.0}}}
     (tmp_path / "logs" / "llvm" / "selection.json").write_text(json.dumps(selection))
     manifest = export("llvm", [64], [dtype], tmp_path / "lib", logs_dir=tmp_path / "logs", log=lambda *_: None)
     entry = next(v for v in manifest["variants"] if v["function"] == kernel.name)
-    assert entry["schedule"].startswith("selected:variant1") and entry["knobs"]["rows_per_step"] == 2
+    assert entry["schedule"].startswith("selected:variant1")
+    assert all(entry["knobs"][name] == value for name, value in changed.items())
     lib = load(tmp_path / "lib")
     for rows in (1, 3, 37, 101):
         bad = [r for r in check_variant(lib, 64, dtype, rows, np.random.default_rng()) if not r.ok]
