@@ -198,7 +198,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--elements", type=int, default=1 << 26, help="M*N at which kernels are timed")
     s.add_argument("--ops", type=_words, default=None, help="only these ops (default: all four)")
     s.add_argument(
-        "--focus", default=None, help="a knob: time only the baseline, today's selection and the variants that set it"
+        "--focus",
+        default=None,
+        help="KNOB or KNOB=VALUE: time only the baseline, today's selection and the variants that set it",
     )
     s.add_argument(
         "--parts", action="store_true", help="choose P (backward row chunks) per hidden size and dtype instead"

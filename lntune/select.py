@@ -78,8 +78,9 @@ def candidates(
 ) -> tuple[dict[str, dict], str]:
     """label -> knobs to time (baseline, tuned, variant<i>), and where the tuned knobs came from.
 
-    With `focus` (a knob name), only the baseline, the `selected` knobs and the candidates that set
-    that knob: a new knob is measured against today's choice without re-timing every variant.
+    With `focus` (a knob name, or name=value), only the baseline, the `selected` knobs and the
+    candidates that set that knob (to that value): a new knob is measured against today's choice
+    without re-timing every variant.
     """
     found = {"baseline": database.baseline_knobs(kernel, target)}
     choice = database.choose(kernel, target, records, selection={})
@@ -89,10 +90,13 @@ def candidates(
         if knobs not in found.values():
             found[f"variant{index}"] = knobs
     if focus:
+        name, _, value = focus.partition("=")
+
+        def focused(knobs: dict) -> bool:
+            return knobs.get(name) == int(value) if value else bool(knobs.get(name))
+
         found = {
-            label: knobs
-            for label, knobs in found.items()
-            if label == "baseline" or knobs == selected or knobs.get(focus)
+            label: knobs for label, knobs in found.items() if label == "baseline" or knobs == selected or focused(knobs)
         }
     return found, choice.source
 

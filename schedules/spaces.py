@@ -27,6 +27,7 @@ SUM_COLUMNS = (32, 64, 128, 256)
 SUM_LANES = (1, 2, 4, 8, 16, 32)  # columns x lanes > max_threads is rejected by VerifyGPUCode
 UNROLL_STEPS = (0, 16, 64, 512)
 ROWS_PER_STEP = (1, ROW_GRANULE)  # backward rows whose x and dy are loaded together (a structural knob)
+STAGE_ROWS = (0, 1, 2)  # backward stages kept in registers (see one_pass_backward)
 ROWS_PER_STEP_KEY = "lntune.rows_per_step"  # marks the split in a trace (schedules.database._structure)
 # Resident threads per SM that a CUDA backward asks ptxas to fit (0: no request), and the loop
 # annotation that carries the resulting minimum blocks per SM to with_launch_bounds.
@@ -247,9 +248,12 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     if gpu:
         threads = knobs.pick(sch, "threads", thread_candidates(kernel, target, max_per_thread=32 if cache_rows else 64))
     # Not on ROCm yet: its ISA with staged rows is unchecked. CPUs have it so tests can check it.
-    staged = knobs.structural(sch, "stage_rows", (0, 1) if target.family != "rocm" and cache_rows else (0,))
-    if not staged:
-        inline_stages(sch)
+    staged = knobs.structural(sch, "stage_rows", STAGE_ROWS if target.family != "rocm" and cache_rows else (0,))
+    # Registers hold (1) xhat, dy and dy·gamma of the row, or (2) xhat and dy of the row and gamma in
+    # fp32 for the whole chunk (cache_gamma), dy·gamma recomputed: 8 fewer registers per 8 columns.
+    kept = {0: (), 1: ("xhat", "dyg", "dyf"), 2: ("xhat", "dyf", "gammaf") if cache_gamma else ("xhat", "dyf")}
+    kept = kept[staged]
+    inline_stages(sch, keep=kept)
     dx_write_back = _row_write_back(sch, "dx", vec, gpu)
     # Rows split as [chunk, step, granule], the granule matching te_ops' chunk rounding exactly.
     row_nests = [sch.split(sch.get_loops(sch.get_sblock(b))[0], [kernel.parts, None, ROW_GRANULE]) for b in ("c", "dx")]
@@ -279,8 +283,8 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
         sch.set_scope(sch.get_sblock("c"), index, "local")
     dx = sch.get_sblock("dx")
     readers = {"x": sch.get_sblock("xhat"), "dy": sch.get_sblock("dyf")} if staged else {"x": dx, "dy": dx}
-    for name in ("xhat", "dyg", "dyf") if staged else ():  # consumers before producers
-        sch.compute_at(sch.get_sblock(name), row)
+    for name in (n for n in ("xhat", "dyg", "dyf", "gammaf") if n in kept):  # consumers before producers
+        sch.compute_at(sch.get_sblock(name), chunk if name == "gammaf" else row)
         sch.set_scope(sch.get_sblock(name), 0, "local")
     caches = []
     # Every reader of x, dy and gamma shares its cache, so no consumer_blocks: trace simplification
@@ -296,8 +300,8 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
             )
             sch.unroll(sch.get_loops(cache)[-2])  # the step's rows; the row's own loop is split below
         caches.append(cache)
-    if cache_gamma:
-        reader = sch.get_sblock("dyg") if staged else dx
+    if cache_gamma and "gammaf" not in kept:
+        reader = sch.get_sblock("dyg") if "dyg" in kept else dx
         gamma = sch.cache_read(reader, _read_index(sch, reader, "gamma"), "local")
         sch.compute_at(gamma, chunk)
         caches.append(gamma)
@@ -312,7 +316,7 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     spread = dict(gpu=gpu, units=kernel.hidden, chunked=chunked)
     for block in caches:
         _spread_row(sch, block, threads, vec, vectorize=True, **spread)
-    for name in ("xhat", "dyf", "dyg") if staged else ():
+    for name in kept:
         _spread_row(sch, sch.get_sblock(name), threads, vec, vectorize=True, lanes=4, **spread)
     _store_row(sch, "dx", row, threads, vec, write_back=dx_write_back, **spread)
     for block in accumulators:
@@ -353,10 +357,12 @@ def with_launch_bounds(func: PrimFunc) -> PrimFunc:
     return func.with_body(s_tir.SBlockRealize(realize.iter_values, realize.predicate, block))
 
 
-def inline_stages(sch: s_tir.Schedule) -> None:
-    """Inline the backward's per-element stages (te_ops.layer_norm.BACKWARD_STAGES) that the function
-    still has: the kernel as it was before they existed, with every use recomputing them."""
+def inline_stages(sch: s_tir.Schedule, keep: Sequence[str] = ()) -> None:
+    """Inline the backward's stages (te_ops.layer_norm.BACKWARD_STAGES) that the function still has,
+    but those in `keep`: with none kept, the kernel as it was before they existed."""
     for name in BACKWARD_STAGES:
+        if name in keep:
+            continue
         try:
             block = sch.get_sblock(name)
         except s_tir.ScheduleError:  # already inlined (a tuning workload)
@@ -505,8 +511,9 @@ def _backward_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[d
     plain = list(found)
     found += [{**knobs, "threads_per_sm": t} for knobs in plain for t in _occupancies(kernel, knobs)]
     # Staged rows with nvcc unrolling only: TVM's explicit unrolling lost nearly everywhere it was timed.
-    staged = [{**knobs, "stage_rows": 1} for knobs in plain if knobs["cache_rows"] and not knobs["explicit_unroll"]]
-    found += staged + [{**knobs, "threads_per_sm": t} for knobs in staged for t in _occupancies(kernel, knobs)]
+    for stage in STAGE_ROWS[1:]:
+        staged = [{**k, "stage_rows": stage} for k in plain if k["cache_rows"] and not k["explicit_unroll"]]
+        found += staged + [{**knobs, "threads_per_sm": t} for knobs in staged for t in _occupancies(kernel, knobs)]
     unique = [base]
     for knobs in found:
         if knobs not in unique:
@@ -521,11 +528,15 @@ def registers_needed(kernel: Kernel, knobs: dict) -> int:
     register budget, ptxas fitted it without spilling in all but a few cases."""
     per_thread = kernel.hidden // knobs["threads"]
     words = 1.0 if kernel.dtype == "float32" else 0.5
-    rows = knobs["rows_per_step"] * 2 * per_thread * words if knobs["cache_rows"] else 0
+    stage = knobs.get("stage_rows", 0)
+    # Staged, the row being reduced lives in its fp32 stages; its cached x and dy are dead by then.
+    cached_rows = knobs["rows_per_step"] - (1 if stage else 0) if knobs["cache_rows"] else 0
+    rows = cached_rows * 2 * per_thread * words
     accumulators = 0 if knobs["shared_acc"] else 2 * per_thread
-    gamma = per_thread * words if knobs["cache_gamma"] else 0
+    # gamma: this thread's slice, in the input dtype or (stage 2) widened to fp32.
+    gamma = (per_thread if stage == 2 else per_thread * words) if knobs["cache_gamma"] else 0
     staging = per_thread * words if words < 1 else 0
-    stages = 3 * per_thread if knobs.get("stage_rows") else 0  # xhat, dy and dy*gamma of one row in fp32
+    stages = {0: 0, 1: 3 * per_thread, 2: 2 * per_thread}[stage]  # xhat, dy (and dy*gamma) in fp32
     return int(rows + accumulators + gamma + staging + stages) + 20
 
 

@@ -22,7 +22,7 @@ ROW_GRANULE = 2
 # Per-element stages of the backward that a schedule keeps in registers or inlines. (Per-row stages
 # for c1/N and c2/N were tried: TVM 0.27's allreduce lowering then scaled its shared result in
 # place from every thread, a race.)
-BACKWARD_STAGES = ("xhat", "dyg", "dyf")
+BACKWARD_STAGES = ("xhat", "dyg", "dyf", "gammaf")
 
 
 def _rows(rows: int | None) -> tirx.PrimExpr:
@@ -113,7 +113,8 @@ def backward(n: int, dtype: str, parts: int, rows: int | None = None):
     # (the pair reduction, dx and the partials all use them) or inlines them into every use.
     xhat_t = te.compute((rows, _dim(n)), lambda i, j: (_f32(x[i, j]) - mean[i]) * rstd[i], name="xhat")
     dyf_t = te.compute((rows, _dim(n)), lambda i, j: _f32(dy[i, j]), name="dyf")
-    dyg_t = te.compute((rows, _dim(n)), lambda i, j: dyf_t[i, j] * _f32(gamma[j]), name="dyg")
+    gammaf = te.compute((_dim(n),), lambda j: _f32(gamma[j]), name="gammaf")
+    dyg_t = te.compute((rows, _dim(n)), lambda i, j: dyf_t[i, j] * gammaf[j], name="dyg")
 
     def xhat(i, j):
         return xhat_t[i, j]

@@ -88,6 +88,8 @@ def test_verdict_names_the_fastest_and_keeps_every_timing():
         ("bfloat16", {"rows_per_step": 2}),
         ("float32", {"rows_per_step": 2, "stage_rows": 1}),
         ("float16", {"stage_rows": 1}),
+        ("float32", {"stage_rows": 2}),
+        ("float16", {"stage_rows": 2, "rows_per_step": 2}),
     ],
 )
 def test_a_selected_backward_variant_is_exported_and_correct(tmp_path, dtype, changed):
@@ -147,3 +149,15 @@ def test_select_parts_keeps_the_fastest_p_and_export_builds_at_it(tmp_path, monk
     for rows in (1, 7, 41):
         bad = [r for r in check_variant(lib, 64, "float32", rows, np.random.default_rng()) if not r.ok]
         assert not bad, [(r.op, r.output, r.error) for r in bad]
+
+
+def test_focus_keeps_the_baseline_todays_choice_and_the_variants_setting_the_knob():
+    target = get_target("cuda-sm90")
+    kernel = Kernel("backward", 4096, "bfloat16", 264)
+    everything, _ = sel.candidates(kernel, target, records={})
+    today = everything["variant3"]
+    staged, _ = sel.candidates(kernel, target, {}, focus="stage_rows=2", selected=today)
+    assert {"baseline", "variant3"} <= set(staged) and len(staged) < len(everything)
+    assert all(k["stage_rows"] == 2 for label, k in staged.items() if label not in ("baseline", "variant3"))
+    any_stage, _ = sel.candidates(kernel, target, {}, focus="stage_rows", selected=today)
+    assert set(staged) < set(any_stage)
