@@ -227,12 +227,14 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     `explicit_unroll` says whether TVM or nvcc unrolls. `shared_acc` (CUDA) keeps the dgamma/dbeta
     accumulators in dynamic shared memory instead of registers: at N = 16384 they are 128 KB a
     block, half the register file, which otherwise leaves room for one row in flight.
-    `stage_rows` (with cached rows; not ROCm) keeps xhat, float dy and dy·gamma of the current row in
-    registers: computed once instead of in each block that uses them (each block sits under its own
-    row predicate, so nvcc cannot share them between blocks).
+    `stage_rows` (with cached rows; not ROCm) computes per-element values once into registers
+    instead of in each block that uses them (each block sits under its own row predicate, so nvcc
+    cannot share them between blocks): 1 keeps the row's xhat, float dy and dy·gamma; 2 keeps xhat
+    and float dy, with gamma widened to fp32 once per chunk (with cache_gamma) and dy·gamma
+    recomputed, for fewer registers.
     `threads_per_sm` (CUDA) asks ptxas, through __launch_bounds__, to keep the registers per thread
-    low enough for that many resident threads: left alone it gives most 16-bit kernels 128
-    registers, 512 threads an SM, too few row loads in flight to cover DRAM latency.
+    low enough for that many resident threads: left alone it gave most 16-bit kernels 128
+    registers, 512 threads an SM (1024 measured up to 4 % faster).
     """
     gpu = target.is_gpu
     vec = vector_width(kernel, target)
@@ -249,10 +251,7 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
         threads = knobs.pick(sch, "threads", thread_candidates(kernel, target, max_per_thread=32 if cache_rows else 64))
     # Not on ROCm yet: its ISA with staged rows is unchecked. CPUs have it so tests can check it.
     staged = knobs.structural(sch, "stage_rows", STAGE_ROWS if target.family != "rocm" and cache_rows else (0,))
-    # Registers hold (1) xhat, dy and dy·gamma of the row, or (2) xhat and dy of the row and gamma in
-    # fp32 for the whole chunk (cache_gamma), dy·gamma recomputed: 8 fewer registers per 8 columns.
-    kept = {0: (), 1: ("xhat", "dyg", "dyf"), 2: ("xhat", "dyf", "gammaf") if cache_gamma else ("xhat", "dyf")}
-    kept = kept[staged]
+    kept = {0: (), 1: ("xhat", "dyg", "dyf"), 2: ("xhat", "dyf") + (("gammaf",) if cache_gamma else ())}[staged]
     inline_stages(sch, keep=kept)
     dx_write_back = _row_write_back(sch, "dx", vec, gpu)
     # Rows split as [chunk, step, granule], the granule matching te_ops' chunk rounding exactly.
@@ -523,8 +522,8 @@ def _backward_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[d
 
 def registers_needed(kernel: Kernel, knobs: dict) -> int:
     """A rough count of the 32-bit registers a backward thread keeps live: its cached rows, fp32
-    accumulators, gamma slice and 16-bit dx staging, plus ~20 for addresses, row statistics and the
-    allreduce. Checked against ptxas for every CUDA backward (sm_90, 2026-11-26): where this fits a
+    accumulators, gamma slice, 16-bit dx staging and fp32 row stages, plus ~20 for addresses, row
+    statistics and the allreduce. Checked against ptxas for every CUDA backward (sm_90, 2026-11-26): where this fits a
     register budget, ptxas fitted it without spilling in all but a few cases."""
     per_thread = kernel.hidden // knobs["threads"]
     words = 1.0 if kernel.dtype == "float32" else 0.5
