@@ -116,18 +116,12 @@ def backward(n: int, dtype: str, parts: int, rows: int | None = None):
     gammaf = te.compute((_dim(n),), lambda j: _f32(gamma[j]), name="gammaf")
     dyg_t = te.compute((rows, _dim(n)), lambda i, j: dyf_t[i, j] * gammaf[j], name="dyg")
 
-    def xhat(i, j):
-        return xhat_t[i, j]
-
-    def dyg(i, j):
-        return dyg_t[i, j]
-
     # c1 and c2 as one reduction of a pair: one cross-thread allreduce (one set of barriers) per row.
     k = te.reduce_axis((0, _dim(n)), "k")
-    c1, c2 = te.compute((rows,), lambda i: _SUM_PAIR((dyg(i, k) * xhat(i, k), dyg(i, k)), axis=k), name="c")
+    c1, c2 = te.compute((rows,), lambda i: _SUM_PAIR((dyg_t[i, k] * xhat_t[i, k], dyg_t[i, k]), axis=k), name="c")
 
     def grad_x(i, j):
-        inner = dyg(i, j) - xhat(i, j) * (c1[i] * (1.0 / n)) - c2[i] * (1.0 / n)
+        inner = dyg_t[i, j] - xhat_t[i, j] * (c1[i] * (1.0 / n)) - c2[i] * (1.0 / n)
         return (rstd[i] * inner).astype(dtype)
 
     dx = te.compute((rows, _dim(n)), grad_x, name="dx")
@@ -142,7 +136,7 @@ def backward(n: int, dtype: str, parts: int, rows: int | None = None):
 
     dgamma_part = te.compute(
         (_dim(parts), _dim(n)),
-        lambda p, j: te.sum(masked(p, r1, lambda i: dyf_t[i, j] * xhat(i, j)), axis=r1),
+        lambda p, j: te.sum(masked(p, r1, lambda i: dyf_t[i, j] * xhat_t[i, j]), axis=r1),
         name="dgamma_part",
     )
     dbeta_part = te.compute(
