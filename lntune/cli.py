@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from pathlib import Path
 
@@ -90,12 +89,13 @@ def cmd_prune(args) -> int:
     from schedules.tune import exclusive, prune
 
     target = get_target(args.target)
-    # Records at the rule's P stay too: select times them as the "tuned" candidate at any P.
-    rule = [spaces.parts_for(target, n, d) for n in args.hidden for d in args.dtype]
+    # Records at the rule's P stay too: a kernel at a selected P takes its knobs from them.
     live = {
         workload_hash(k, target)
-        for (n, d), p in zip(itertools.product(args.hidden, args.dtype), rule, strict=True)
-        for k in kernels_for(n, d, target) + kernels_for(n, d, target, p)
+        for n in args.hidden
+        for d in args.dtype
+        for p in (None, spaces.parts_for(target, n, d))
+        for k in kernels_for(n, d, target, p)
     }
     log_dir = Path(args.log_dir or TUNING_LOGS / target.name)
     with exclusive(log_dir):

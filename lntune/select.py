@@ -214,7 +214,7 @@ def select(
     plan, sources = {}, {}
     for n in hidden:
         for dtype in dtypes:
-            for kernel in kernels_for(n, dtype, target):
+            for kernel in kernels_for(n, dtype, target, database.selected_parts(target, n, dtype, selection)):
                 if ops and kernel.op not in ops:
                     continue
                 selected = database.choose(kernel, target, records, selection).knobs if focus else None
@@ -247,9 +247,8 @@ def select_parts(target_name: str, hidden: list[int], dtypes: list[str], element
                 if not kernel.op.startswith("backward"):
                     continue
                 choice = database.choose(kernel, target, records, selection)
-                for parts in spaces.parts_candidates(target):
-                    plan[replace(kernel, parts=parts)] = {"today": choice.knobs}
-                    sources[replace(kernel, parts=parts)] = choice.source
+                for moved in (replace(kernel, parts=parts) for parts in spaces.parts_candidates(target)):
+                    plan[moved], sources[moved] = {"today": choice.knobs}, choice.source
     timed: dict[tuple[int, str], dict[int, dict[str, float]]] = {}
     rows_of = {}
     for kernel, rows, times in time_plan(target, plan, elements, log):

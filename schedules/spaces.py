@@ -523,8 +523,9 @@ def _backward_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[d
 def registers_needed(kernel: Kernel, knobs: dict) -> int:
     """A rough count of the 32-bit registers a backward thread keeps live: its cached rows, fp32
     accumulators, gamma slice, 16-bit dx staging and fp32 row stages, plus ~20 for addresses, row
-    statistics and the allreduce. Checked against ptxas for every CUDA backward (sm_90, 2026-11-26): where this fits a
-    register budget, ptxas fitted it without spilling in all but a few cases."""
+    statistics and the allreduce. Checked against ptxas for every CUDA backward (sm_90,
+    2026-11-26): where this fits a register budget, ptxas fitted it without spilling in all but a
+    few cases."""
     per_thread = kernel.hidden // knobs["threads"]
     words = 1.0 if kernel.dtype == "float32" else 0.5
     stage = knobs.get("stage_rows", 0)
