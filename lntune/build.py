@@ -20,6 +20,47 @@ from te_ops.layer_norm import DTYPES, Kernel
 
 LIBRARY = "lntune.so"
 MANIFEST = "manifest.json"
+# Lowers the copies that spaces.software_pipeline marks asynchronous to cp.async (the prefetching
+# CUDA backward); built without it those copies are plain loads and stores, correct but serial.
+PASS_CONFIG = {"tirx.use_async_copy": True}
+CP_ASYNC_OPS = ("tirx.s_tir_cp_async_raw", "tirx.s_tir.cp_async_raw")
+
+
+def widen_cp_async_offsets() -> None:
+    """Make TVM 0.27's cp.async helper take its global offset as 64 bits.
+
+    The helper it emits declares `int src_off` and scales it in int, so a copy from past element
+    2**30 of a 16-bit tensor (2**29 of float32) reads the wrong address. Each generated helper is
+    renamed (`..._i64`) with a `long long` offset; a helper of another shape fails the build loudly.
+    """
+    from tvm.backend.cuda.codegen.registry import CODEGEN_REGISTRY
+    from tvm.backend.cuda.op import cuda_func_call
+
+    for op in CP_ASYNC_OPS:
+        original = CODEGEN_REGISTRY.get(op)
+        if original is None or getattr(original, "widened", False):
+            continue
+
+        def widened(arg_list, original=original):
+            call, tags = original(arg_list)
+            name, *operands, source = call.args
+            wide = source.value.replace(f"{name.value}(", f"{name.value}_i64(")
+            wide = wide.replace("void* src, int src_off", "void* src, long long src_off")
+            if "long long src_off" not in wide or f"{name.value}_i64(" not in wide:
+                raise RuntimeError(f"lntune: unexpected cp.async helper from TVM, not widened:\n{source.value}")
+            return cuda_func_call(f"{name.value}_i64", *operands, source_code=wide), tags
+
+        widened.widened = True
+        CODEGEN_REGISTRY[op] = widened
+
+
+widen_cp_async_offsets()  # here, so every build that goes through lntune (export, select, Relax) has it
+
+
+def compile_module(mod: tvm.IRModule, target: TargetInfo):
+    """tvm.compile for `target` with the host as LLVM and lntune's pass configuration."""
+    with tvm.transform.PassContext(config=PASS_CONFIG):
+        return tvm.compile(mod, target=tvm.target.Target(target.spec, host="llvm"))
 
 
 def kernels_for(hidden: int, dtype: str, target: TargetInfo, parts: int | None = None) -> list[Kernel]:
@@ -84,7 +125,7 @@ def export(
                     }
                 )
     start = time.perf_counter()
-    lib = tvm.compile(mod, target=tvm.target.Target(target.spec, host="llvm"))
+    lib = compile_module(mod, target)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lib.export_library(str(out / LIBRARY))

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import tvm
 
-from lntune.build import kernels_for
+from lntune.build import compile_module, kernels_for
 from schedules import database, spaces
 from schedules.targets import TargetInfo, get_target
 from te_ops.layer_norm import OPS, Kernel
@@ -60,7 +60,7 @@ def output_names(kernel: Kernel) -> list[str]:
 
 def _library(kernel: Kernel, target: TargetInfo, knobs: dict):
     func = database.scheduled(kernel, target, knobs)
-    return tvm.compile(tvm.IRModule({kernel.name: func}), target=tvm.target.Target(target.spec, host="llvm"))
+    return compile_module(tvm.IRModule({kernel.name: func}), target)
 
 
 def time_us(kernel: Kernel, target: TargetInfo, knobs: dict, args: list, device) -> float:
@@ -79,8 +79,8 @@ def candidates(
     """label -> knobs to time (baseline, tuned, variant<i>), and where the tuned knobs came from.
 
     With `focus` (a knob name, or name=value), only the baseline, the `selected` knobs and the
-    candidates that set that knob (to that value): a new knob is measured against today's choice
-    without re-timing every variant.
+    candidates that set that knob (to that value), plus with a value the `selected` knobs set to
+    it: a new knob is measured against today's choice without re-timing every variant.
     """
     found = {"baseline": database.baseline_knobs(kernel, target)}
     choice = database.choose(kernel, target, records, selection={})
@@ -98,6 +98,11 @@ def candidates(
         found = {
             label: knobs for label, knobs in found.items() if label == "baseline" or knobs == selected or focused(knobs)
         }
+        # Today's choice with the focused value, when the variants (built around the tuned record)
+        # lack it and the value is one its space offers.
+        moved = database.exact_knobs(kernel, target, {**selected, name: int(value)}) if value and selected else None
+        if moved and moved not in found.values():
+            found["selected+" + focus] = moved
     return found, choice.source
 
 

@@ -206,7 +206,7 @@ def _timings(verdict: dict) -> str:
     return f"{us.get(label, '?')} us; baseline {us.get('baseline', '?')} us"
 
 
-def _exact_knobs(kernel: Kernel, target: TargetInfo, knobs) -> dict | None:
+def exact_knobs(kernel: Kernel, target: TargetInfo, knobs) -> dict | None:
     """The complete knobs if every one of `knobs` is a knob of the kernel's space and takes its given
     value, else None. Structural knobs added since take their first candidate (the old structure)."""
     if not isinstance(knobs, dict):
@@ -249,7 +249,7 @@ def choose(
     if verdict.get("choice") == "baseline":
         return Choice(baseline_knobs(kernel, target), f"baseline (selected: {_timings(verdict)})")
     if verdict.get("choice") == "variant":
-        knobs = _exact_knobs(kernel, target, verdict.get("knobs"))
+        knobs = exact_knobs(kernel, target, verdict.get("knobs"))
         if knobs is not None:
             return Choice(knobs, f"selected:{verdict.get('label', 'variant')} ({_timings(verdict)})")
         warnings.warn(f"{kernel.name}: selected variant does not fit the design space; not used", stacklevel=2)

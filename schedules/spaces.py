@@ -28,6 +28,7 @@ SUM_LANES = (1, 2, 4, 8, 16, 32)  # columns x lanes > max_threads is rejected by
 UNROLL_STEPS = (0, 16, 64, 512)
 ROWS_PER_STEP = (1, ROW_GRANULE)  # backward rows whose x and dy are loaded together (a structural knob)
 STAGE_ROWS = (0, 1, 2)  # backward stages kept in registers (see one_pass_backward)
+PREFETCH = (0, 1, 2)  # steps ahead that a CUDA backward copies rows into shared memory (0: none)
 ROWS_PER_STEP_KEY = "lntune.rows_per_step"  # marks the split in a trace (schedules.database._structure)
 # Resident threads per SM that a CUDA backward asks ptxas to fit (0: no request), and the loop
 # annotation that carries the resulting minimum blocks per SM to with_launch_bounds.
@@ -235,6 +236,10 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     `threads_per_sm` (CUDA) asks ptxas, through __launch_bounds__, to keep the registers per thread
     low enough for that many resident threads: left alone it gave most 16-bit kernels 128
     registers, 512 threads an SM (1024 measured up to 4 % faster).
+    `prefetch` (CUDA, with cached rows) copies the x and dy rows of the step `prefetch` steps ahead
+    into shared memory with cp.async while this step reduces and writes: without it a block's
+    loads wait for its own row barriers, and 16-bit rows (half the bytes a barrier) kept DRAM at
+    ~63 % busy (Nsight Compute, bench/NOTES.md).
     """
     gpu = target.is_gpu
     vec = vector_width(kernel, target)
@@ -251,6 +256,10 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
         threads = knobs.pick(sch, "threads", thread_candidates(kernel, target, max_per_thread=32 if cache_rows else 64))
     # Not on ROCm yet: its ISA with staged rows is unchecked. CPUs have it so tests can check it.
     staged = knobs.structural(sch, "stage_rows", STAGE_ROWS if target.family != "rocm" and cache_rows else (0,))
+    # Not with shared accumulators: their updates under the row predicate then need barriers TVM
+    # cannot place ("Cannot insert syncs inside condition").
+    prefetchable = target.family == "cuda" and cache_rows and not shared_acc
+    prefetch = knobs.structural(sch, "prefetch", PREFETCH if prefetchable else (0,))
     kept = {0: (), 1: ("xhat", "dyg", "dyf"), 2: ("xhat", "dyf") + (("gammaf",) if cache_gamma else ())}[staged]
     inline_stages(sch, keep=kept)
     dx_write_back = _row_write_back(sch, "dx", vec, gpu)
@@ -267,7 +276,11 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
         accumulators.append(acc)
     # compute_at cannot line these up (the partials do not consume dx), so merge the nests' loops.
     chunk, step, row = (sch.merge(*[n[level] for n in row_nests]) for level in range(3))
-    if rows_per_step == 1:
+    if rows_per_step == 1 and prefetch:
+        # A loop of one row inside the step: the pipelined step's body then lists the copies and
+        # this loop, which cross-thread reduction lowering leaves one statement.
+        step, row = sch.split(sch.fuse(step, row), [None, 1])
+    elif rows_per_step == 1:
         step = row = sch.fuse(step, row)
     else:
         # The row caches below sit at the step: all its rows are loaded before the first reduction.
@@ -299,6 +312,11 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
             )
             sch.unroll(sch.get_loops(cache)[-2])  # the step's rows; the row's own loop is split below
         caches.append(cache)
+    copies = [sch.cache_read(cache, 0, "shared.dyn") for cache in caches] if prefetch else []
+    for copy in copies:
+        sch.compute_at(copy, step)
+        if rows_per_step > 1:
+            sch.unroll(sch.get_loops(copy)[-2])
     if cache_gamma and "gammaf" not in kept:
         reader = sch.get_sblock("dyg") if "dyg" in kept else dx
         gamma = sch.cache_read(reader, _read_index(sch, reader, "gamma"), "local")
@@ -313,7 +331,7 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
             raise ValueError("threads_per_sm needs a fixed thread count (it is not a tuning structure)")
         sch.annotate(chunk, MIN_BLOCKS_KEY, max(1, threads_per_sm // threads))
     spread = dict(gpu=gpu, units=kernel.hidden, chunked=chunked)
-    for block in caches:
+    for block in caches + copies:
         _spread_row(sch, block, threads, vec, vectorize=True, **spread)
     for name in kept:
         _spread_row(sch, sch.get_sblock(name), threads, vec, vectorize=True, lanes=4, **spread)
@@ -330,6 +348,27 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
         _unroll(sch, chunk, knobs, explicit=bool(explicit_unroll))
     if needs_unbound_pair(kernel, target):
         unbind_pair_reduction(sch)
+    if copies:
+        software_pipeline(sch, step, {sch.get(copy).name_hint for copy in copies}, prefetch)
+
+
+def _first_block_name(stmt) -> str:
+    while not hasattr(stmt, "block"):
+        stmt = stmt.seq[0] if isinstance(stmt, SeqStmt) else stmt.body
+    return stmt.block.name_hint
+
+
+def software_pipeline(sch: s_tir.Schedule, loop, producers: set[str], depth: int) -> None:
+    """Run the `producers` blocks in `loop`'s body `depth` iterations ahead of the rest, as
+    asynchronous copies (cp.async, which the build's PASS_CONFIG turns on) that the rest waits for.
+    TVM's InjectSoftwarePipeline keeps depth + 1 copies of their buffers."""
+    body = sch.get(loop).body
+    statements = list(body.seq) if isinstance(body, SeqStmt) else [body]
+    stages = [0 if _first_block_name(stmt) in producers else depth for stmt in statements]
+    issue_order = sorted(range(len(stages)), key=lambda i: stages[i])  # stable: copies first, as they were
+    sch.annotate(loop, "software_pipeline_stage", stages)
+    sch.annotate(loop, "software_pipeline_order", [issue_order.index(i) for i in range(len(stages))])
+    sch.annotate(loop, "software_pipeline_async_stages", [0])
 
 
 def with_launch_bounds(func: PrimFunc) -> PrimFunc:
@@ -482,6 +521,7 @@ def default_knobs(kernel: Kernel, target: TargetInfo) -> dict[str, int]:
         "shared_acc": 0,
         "threads_per_sm": 0,
         "stage_rows": 0,
+        "prefetch": 0,
         "threads": threads,
         "unroll": 64,
     }
@@ -513,6 +553,12 @@ def _backward_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[d
     for stage in STAGE_ROWS[1:]:
         staged = [{**k, "stage_rows": stage} for k in plain if k["cache_rows"] and not k["explicit_unroll"]]
         found += staged + [{**knobs, "threads_per_sm": t} for knobs in staged for t in _occupancies(kernel, knobs)]
+    for depth in PREFETCH[1:]:
+        ahead = [
+            {**k, "prefetch": depth} for k in plain if k["cache_rows"] and not k["explicit_unroll"] | k["shared_acc"]
+        ]
+        ahead = [k for k in ahead if shared_bytes_needed(kernel, k) <= target.dynamic_shared_bytes]
+        found += ahead + [{**knobs, "threads_per_sm": t} for knobs in ahead for t in _occupancies(kernel, knobs)]
     unique = [base]
     for knobs in found:
         if knobs not in unique:
@@ -538,6 +584,15 @@ def registers_needed(kernel: Kernel, knobs: dict) -> int:
     staging = per_thread * words if words < 1 else 0
     stages = {0: 0, 1: 3 * per_thread, 2: 2 * per_thread}[stage]  # xhat, dy (and dy*gamma) in fp32
     return int(rows + accumulators + gamma + staging + stages) + 20
+
+
+def shared_bytes_needed(kernel: Kernel, knobs: dict) -> int:
+    """Dynamic shared memory of a CUDA backward block: prefetched rows of x and dy (depth + 1 steps
+    in flight) and shared dgamma/dbeta accumulators."""
+    row = kernel.hidden * (4 if kernel.dtype == "float32" else 2)
+    depth = knobs.get("prefetch", 0)
+    rows = (depth + 1) * knobs["rows_per_step"] * 2 * row if depth else 0
+    return rows + (2 * kernel.hidden * 4 if knobs["shared_acc"] else 0)
 
 
 def _occupancies(kernel: Kernel, knobs: dict) -> list[int]:

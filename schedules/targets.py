@@ -17,6 +17,7 @@ class TargetInfo:
     warp: int = 1
     max_threads: int = 1
     shared_bytes: int = 0
+    dynamic_shared_bytes: int = 0  # what one block may opt into (CUDA dynamic shared memory)
     cores: int = 1  # SMs or CUs; sets the number of row chunks (partials) in the backward
     notes: str = ""
 
@@ -31,7 +32,7 @@ class TargetInfo:
         return {"cpu": tvm.cpu, "cuda": tvm.cuda, "rocm": tvm.rocm}[self.family](index)
 
 
-def _cuda(name: str, arch: str, sms: int, shared: int, notes: str) -> TargetInfo:
+def _cuda(name: str, arch: str, sms: int, shared: int, dynamic: int, notes: str) -> TargetInfo:
     spec = {
         "kind": "cuda",
         "arch": arch,
@@ -40,7 +41,8 @@ def _cuda(name: str, arch: str, sms: int, shared: int, notes: str) -> TargetInfo
         "thread_warp_size": 32,
         "max_num_threads": 1024,
     }
-    return TargetInfo(name, spec, "cuda", warp=32, max_threads=1024, shared_bytes=shared, cores=sms, notes=notes)
+    limits = dict(warp=32, max_threads=1024, shared_bytes=shared, dynamic_shared_bytes=dynamic)
+    return TargetInfo(name, spec, "cuda", cores=sms, notes=notes, **limits)
 
 
 def _rocm(name: str, mcpu: str, cus: int, notes: str) -> TargetInfo:
@@ -60,8 +62,9 @@ TARGETS: dict[str, TargetInfo] = {
     t.name: t
     for t in (
         TargetInfo("llvm", {"kind": "llvm", "num-cores": 2}, "cpu", cores=2, notes="host CPU (x86-64 LLVM)"),
-        _cuda("cuda-sm80", "sm_80", 108, 49152, "NVIDIA A100 (108 SMs)"),
-        _cuda("cuda-sm90", "sm_90", 132, 49152, "NVIDIA H100 SXM (132 SMs)"),
+        # Opt-in dynamic shared memory per block: 163 KB (A100), 227 KB (H100), CUDA guide table 21.
+        _cuda("cuda-sm80", "sm_80", 108, 49152, 163 * 1024, "NVIDIA A100 (108 SMs)"),
+        _cuda("cuda-sm90", "sm_90", 132, 49152, 227 * 1024, "NVIDIA H100 SXM (132 SMs)"),
         _rocm("rocm-gfx90a", "gfx90a", 104, "AMD MI200 series (104 CUs on MI210)"),
         _rocm("rocm-gfx942", "gfx942", 304, "AMD MI300X (304 CUs)"),
     )

@@ -8,7 +8,7 @@ import pytest
 import tvm
 import tvm_ffi
 
-from lntune.build import kernels_for
+from lntune.build import compile_module, kernels_for
 from schedules import database, spaces
 from schedules.knobs import Fixed, Sampled, decisions_of
 from schedules.targets import TARGETS, get_target
@@ -82,9 +82,16 @@ def _write_database(folder, kernel, target, traced, seconds=1e-4, extra_lines=()
 
 
 STRUCTURAL = ("cache_rows", "cache_gamma", "chunked", "rows_per_step", "explicit_unroll", "shared_acc")
-STRUCTURAL += ("threads_per_sm", "stage_rows")
+STRUCTURAL += ("threads_per_sm", "stage_rows", "prefetch")
 # as the tuning spaces hold
-ONE_ROW_A_STEP = {"rows_per_step": 1, "explicit_unroll": 1, "shared_acc": 0, "threads_per_sm": 0, "stage_rows": 0}
+ONE_ROW_A_STEP = {
+    "rows_per_step": 1,
+    "explicit_unroll": 1,
+    "shared_acc": 0,
+    "threads_per_sm": 0,
+    "stage_rows": 0,
+    "prefetch": 0,
+}
 
 
 def _records_of(folder, kernel, target, knobs) -> dict:
@@ -142,7 +149,7 @@ def test_tuned_record_keeps_rows_per_step_and_unrolling(tmp_path, rows_per_step,
     kernel = Kernel("backward", 2048, "bfloat16", spaces.parts_for(target, 2048, "bfloat16"))
     layout = {"rows_per_step": rows_per_step, "explicit_unroll": explicit_unroll}
     wanted = {"cache_rows": 1, "cache_gamma": 1, "chunked": 1, **layout, "shared_acc": 0, "threads_per_sm": 0}
-    wanted["stage_rows"] = 0
+    wanted.update(stage_rows=0, prefetch=0)
     wanted.update(threads=128, unroll=64)
     assert database.choose(kernel, target, _records_of(tmp_path, kernel, target, wanted), selection={}).knobs == wanted
 
@@ -221,7 +228,7 @@ def test_committed_cuda_logs_give_tuned_backward_kernels():
 def _cuda_source(kernel, knobs) -> str:
     target = get_target("cuda-sm90")
     mod = tvm.IRModule({kernel.name: database.scheduled(kernel, target, knobs)})
-    return tvm.compile(mod, target=tvm.target.Target(target.spec, host="llvm")).mod.imports[0].inspect_source()
+    return compile_module(mod, target).mod.imports[0].inspect_source()
 
 
 def test_backward_reduces_c1_and_c2_in_one_allreduce():
@@ -261,6 +268,35 @@ def test_staged_rows_leave_the_allreduce_result_to_thread_zero():
     stores = re.findall(r"\(\(volatile float\*\)red_result\w*\)\[0\] = ([^;]*);", source)
     assert stores and all(value.startswith("red_buf") for value in stores), stores
     assert "xhat_local" in source and "dyg_local" in source
+
+
+@pytest.mark.parametrize("depth,rows_per_step", [(1, 1), (2, 2)])
+def test_prefetch_copies_rows_ahead_with_cp_async(depth, rows_per_step):
+    """prefetch copies x and dy `depth` steps ahead into shared memory with cp.async, then waits with
+    `depth` groups still in flight; the copy's global offset is 64-bit (TVM's own helper takes int)."""
+    kernel = Kernel("backward", 4096, "bfloat16", 264)
+    knobs = {**ONE_ROW_A_STEP, "cache_rows": 1, "cache_gamma": 1, "chunked": 1, "threads": 512, "unroll": 64}
+    plain = _cuda_source(kernel, {**knobs, "rows_per_step": rows_per_step, "explicit_unroll": 0})
+    source = _cuda_source(kernel, {**knobs, "rows_per_step": rows_per_step, "explicit_unroll": 0, "prefetch": depth})
+    assert "cp.async" not in plain
+    assert "cp.async.cg.shared.global" in source and f"cp.async.wait_group {depth};" in source
+    copies = re.findall(r"\n\s+(ptx_cp_async\w*)\(buf_dyn_shmem_ptr", source)
+    # x and dy, before the loop (the first step) and in it (the step `depth` ahead)
+    assert len(copies) == 4 and set(copies) == {"ptx_cp_async_legacy_cg_16_2_2_i64"}
+    assert "void* src, long long src_off" in source and "int src_off" not in source
+
+
+def test_prefetch_variants_fit_shared_memory():
+    """Prefetching variants keep their rows in the block's opt-in shared memory, never beside shared
+    accumulators (TVM cannot place their barriers), and float32 rows of 16384 have none."""
+    target = get_target("cuda-sm90")
+    for n, dtype in ((4096, "bfloat16"), (8192, "float32"), (16384, "float16")):
+        kernel = Kernel("backward", n, dtype, 132)
+        ahead = [v for v in spaces.variants(kernel, target, database.baseline_knobs(kernel, target)) if v["prefetch"]]
+        assert ahead and {v["prefetch"] for v in ahead} <= {1, 2}
+        assert all(spaces.shared_bytes_needed(kernel, v) <= 227 * 1024 and not v["shared_acc"] for v in ahead)
+    kernel = Kernel("backward", 16384, "float32", 132)
+    assert not any(v["prefetch"] for v in spaces.variants(kernel, target, database.baseline_knobs(kernel, target)))
 
 
 @pytest.mark.parametrize("lanes", [1, 32])

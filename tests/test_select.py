@@ -161,3 +161,17 @@ def test_focus_keeps_the_baseline_todays_choice_and_the_variants_setting_the_kno
     assert all(k["stage_rows"] == 2 for label, k in staged.items() if label not in ("baseline", "variant3"))
     any_stage, _ = sel.candidates(kernel, target, {}, focus="stage_rows", selected=today)
     assert set(staged) < set(any_stage)
+
+
+def test_focus_with_a_value_also_times_todays_choice_set_to_it():
+    """focus=knob=value adds today's choice with that value when no variant has it, and only when
+    its space offers the value (shared accumulators rule prefetching out)."""
+    target = get_target("cuda-sm90")
+    kernel = Kernel("backward", 8192, "bfloat16", 132)
+    everything, _ = sel.candidates(kernel, target, records={})
+    today = next(k for k in everything.values() if k["stage_rows"] and not k["prefetch"])  # no staged prefetch variants
+    ahead, _ = sel.candidates(kernel, target, {}, focus="prefetch=2", selected=today)
+    assert ahead["selected+prefetch=2"] == {**today, "prefetch": 2}
+    shared = next(k for k in everything.values() if k["shared_acc"])
+    ruled_out, _ = sel.candidates(kernel, target, {}, focus="prefetch=2", selected=shared)
+    assert "selected+prefetch=2" not in ruled_out
