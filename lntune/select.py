@@ -285,9 +285,19 @@ def select_parts(target_name: str, hidden: list[int], dtypes: list[str], element
     return path
 
 
+# Candidates this close to the fastest count as tied; the tie goes to the most threads a block.
+# Timed at one M (about 2**26 elements), a block of 128 threads won bfloat16 N = 4096 by 1 % and was
+# then 0.72x ATen at M = 1024, where 512 threads had been 1.32x: with P fixed, the threads of a
+# block are all the parallelism a small M has (bench/NOTES.md).
+TIE = 0.02
+
+
 def verdict(labelled: dict[str, dict], times: dict[str, float], rows: int, record: str) -> dict:
-    """The selection.json entry of one kernel: the fastest candidate, its knobs and every timing."""
-    label = min(times, key=times.get)
+    """The selection.json entry of one kernel: the fastest candidate (ties: see TIE), its knobs and
+    every timing."""
+    fastest = min(times.values())
+    tied = [label for label in times if times[label] <= fastest * (1 + TIE)]
+    label = max(tied, key=lambda name: (labelled[name].get("threads", 0), -times[name]))
     choice = label if label in ("baseline", "tuned") else "variant"
     return {
         "choice": choice,

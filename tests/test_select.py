@@ -81,6 +81,15 @@ def test_verdict_names_the_fastest_and_keeps_every_timing():
     assert sel.verdict(labelled, {"baseline": 1.0, "tuned": 2.0}, 1000, "")["choice"] == "baseline"
 
 
+def test_verdict_gives_a_tie_to_the_block_with_more_threads():
+    """Within TIE of the fastest the most threads win (small M has no other parallelism); beyond it, time."""
+    labelled = {"baseline": {"threads": 512}, "variant1": {"threads": 128}, "variant2": {"threads": 256}}
+    close = {"baseline": 101.0, "variant1": 100.0, "variant2": 100.5}
+    assert sel.verdict(labelled, close, 1000, "")["label"] == "baseline"
+    far = {"baseline": 100.0 * (1 + sel.TIE) + 0.5, "variant1": 100.0, "variant2": 100.5}
+    assert sel.verdict(labelled, far, 1000, "")["label"] == "variant2"
+
+
 @pytest.mark.parametrize(
     "dtype,changed",
     [
