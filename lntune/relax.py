@@ -4,6 +4,10 @@ backward (dx, dgamma, dbeta) as call_tir to lntune's one-pass backward and parti
 The PrimFuncs are the same ones `lntune export` builds: scheduled from the design spaces with the
 tuned (or baseline) knobs for the target, marked `tir.is_scheduled` so Relax's default pipeline leaves
 them alone. Inputs of any leading shape are reshaped to rows around the call.
+
+For CUDA, build the module under `tvm.transform.PassContext(config=lntune.build.PASS_CONFIG)`: the
+backwards selected with `prefetch` then copy rows with cp.async (without it those copies are plain
+loads and stores: correct, slower). Importing this module applies `build.widen_cp_async_offsets`.
 """
 
 from __future__ import annotations
