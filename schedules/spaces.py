@@ -548,17 +548,17 @@ def _backward_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[d
                     found.append({**rule, **layout, "explicit_unroll": explicit, "shared_acc": shared_acc})
     # Appended, so that the labels of the variants above (variant<i> in selection.json) stay put.
     plain = list(found)
-    found += [{**knobs, "threads_per_sm": t} for knobs in plain for t in _occupancies(kernel, knobs)]
-    # Staged rows with nvcc unrolling only: TVM's explicit unrolling lost nearly everywhere it was timed.
+    found += _occupied(kernel, plain)
+    # Staged rows and prefetching with nvcc unrolling only: TVM's explicit unrolling lost nearly
+    # everywhere it was timed. Prefetching never beside shared accumulators (see one_pass_backward).
+    cached = [k for k in plain if k["cache_rows"] and not k["explicit_unroll"]]
     for stage in STAGE_ROWS[1:]:
-        staged = [{**k, "stage_rows": stage} for k in plain if k["cache_rows"] and not k["explicit_unroll"]]
-        found += staged + [{**knobs, "threads_per_sm": t} for knobs in staged for t in _occupancies(kernel, knobs)]
+        staged = [{**k, "stage_rows": stage} for k in cached]
+        found += staged + _occupied(kernel, staged)
     for depth in PREFETCH[1:]:
-        ahead = [
-            {**k, "prefetch": depth} for k in plain if k["cache_rows"] and not k["explicit_unroll"] | k["shared_acc"]
-        ]
+        ahead = [{**k, "prefetch": depth} for k in cached if not k["shared_acc"]]
         ahead = [k for k in ahead if shared_bytes_needed(kernel, k) <= target.dynamic_shared_bytes]
-        found += ahead + [{**knobs, "threads_per_sm": t} for knobs in ahead for t in _occupancies(kernel, knobs)]
+        found += ahead + _occupied(kernel, ahead)
     unique = [base]
     for knobs in found:
         if knobs not in unique:
@@ -603,6 +603,11 @@ def _occupancies(kernel: Kernel, knobs: dict) -> list[int]:
         return []
     need = registers_needed(kernel, knobs)
     return [t for t in THREADS_PER_SM[1:] if knobs["threads"] <= t and need * t <= REGISTERS_PER_SM]
+
+
+def _occupied(kernel: Kernel, group: list[dict]) -> list[dict[str, int]]:
+    """Each of `group` again with every threads_per_sm request that _occupancies allows it."""
+    return [{**knobs, "threads_per_sm": t} for knobs in group for t in _occupancies(kernel, knobs)]
 
 
 def _sum_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[dict[str, int]]:
