@@ -240,6 +240,10 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     into shared memory with cp.async while this step reduces and writes: without it a block's
     loads wait for its own row barriers, and 16-bit rows (half the bytes a barrier) kept DRAM at
     ~63 % busy (Nsight Compute, bench/NOTES.md).
+    `row_scalars` (not ROCm yet) keeps the row's c1/N and c2/N (stage "crow") in two registers per
+    thread. Inlined, every element re-reads the allreduce's result, which TVM declares volatile
+    shared memory, so nvcc can neither keep it in a register nor share the scaling: two shared
+    loads and two multiplies an element (54 of 884 PTX instructions, bfloat16 N = 4096).
     """
     gpu = target.is_gpu
     vec = vector_width(kernel, target)
@@ -261,6 +265,8 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     prefetchable = target.family == "cuda" and cache_rows and not shared_acc
     prefetch = knobs.structural(sch, "prefetch", PREFETCH if prefetchable else (0,))
     kept = {0: (), 1: ("xhat", "dyg", "dyf"), 2: ("xhat", "dyf") + (("gammaf",) if cache_gamma else ())}[staged]
+    row_scalars = knobs.structural(sch, "row_scalars", (0, 1) if target.family != "rocm" else (0,))
+    kept += ("crow",) if row_scalars else ()
     inline_stages(sch, keep=kept)
     dx_write_back = _row_write_back(sch, "dx", vec, gpu)
     # Rows split as [chunk, step, granule], the granule matching te_ops' chunk rounding exactly.
@@ -293,6 +299,11 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
         sch.reverse_compute_at(write_back, chunk)
     for index in (0, 1):  # c1, c2
         sch.set_scope(sch.get_sblock("c"), index, "local")
+    if row_scalars:
+        crow = sch.get_sblock("crow")
+        sch.compute_at(crow, row)
+        sch.set_scope(crow, 0, "local")
+        sch.unroll(sch.get_loops(crow)[-1])
     dx = sch.get_sblock("dx")
     readers = {"x": sch.get_sblock("xhat"), "dy": sch.get_sblock("dyf")} if staged else {"x": dx, "dy": dx}
     for name in (n for n in ("xhat", "dyg", "dyf", "gammaf") if n in kept):  # consumers before producers
@@ -333,7 +344,7 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     spread = dict(gpu=gpu, units=kernel.hidden, chunked=chunked)
     for block in caches + copies:
         _spread_row(sch, block, threads, vec, vectorize=True, **spread)
-    for name in kept:
+    for name in (n for n in kept if n != "crow"):
         _spread_row(sch, sch.get_sblock(name), threads, vec, vectorize=True, lanes=4, **spread)
     _store_row(sch, "dx", row, threads, vec, write_back=dx_write_back, **spread)
     for block in accumulators:
@@ -521,6 +532,7 @@ def default_knobs(kernel: Kernel, target: TargetInfo) -> dict[str, int]:
         "shared_acc": 0,
         "threads_per_sm": 0,
         "stage_rows": 0,
+        "row_scalars": 0,
         "prefetch": 0,
         "threads": threads,
         "unroll": 64,
@@ -533,6 +545,7 @@ def _backward_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[d
     The three thread counts nearest the rule's x row layout (interleaved or chunked) x rows per step
     and who unrolls (TVM or nvcc; two rows a step only with nvcc, see one_pass_backward); from 8192
     columns also rows re-read instead of cached, and dgamma/dbeta accumulated in shared memory.
+    Then occupancy requests, staged rows and prefetching over those, and per-row scalars.
     Measured on the H100 (bench/NOTES.md), neighbours here differed by up to 3x, for register and
     local-memory reasons that a rule does not predict.
     """
@@ -559,6 +572,9 @@ def _backward_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[d
         ahead = [{**k, "prefetch": depth} for k in cached if not k["shared_acc"]]
         ahead = [k for k in ahead if shared_bytes_needed(kernel, k) <= target.dynamic_shared_bytes]
         found += ahead + _occupied(kernel, ahead)
+    # Per-row scalars on every unstaged variant so far: they won or tied at 17 of 21 kernels, and
+    # lost (up to 1.5x) only beside staged rows (select-rowscalars, bench/NOTES.md).
+    found += [{**k, "row_scalars": 1} for k in found if not k["stage_rows"]]
     unique = [base]
     for knobs in found:
         if knobs not in unique:

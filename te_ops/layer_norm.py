@@ -19,10 +19,11 @@ OPS = ("forward", "forward_stats", "backward", "backward_sum")
 # Backward chunks hold a multiple of this many rows, so a schedule can step through them that many
 # at a time without a remainder (schedules.spaces.ROWS_PER_STEP).
 ROW_GRANULE = 2
-# Per-element stages of the backward that a schedule keeps in registers or inlines. (Per-row stages
-# for c1/N and c2/N were tried: TVM 0.27's allreduce lowering then scaled its shared result in
-# place from every thread, a race.)
-BACKWARD_STAGES = ("xhat", "dyg", "dyf", "gammaf")
+# Stages of the backward that a schedule keeps in registers or inlines: per element, and "crow",
+# the row's (c1/N, c2/N) as one two-element row. (As two one-element stages, TVM 0.27's storage
+# rewrite reused the allreduce's buffer for them in place, which then scaled its shared result
+# from every thread: a race. A two-element buffer is never reused for a one-element one.)
+BACKWARD_STAGES = ("xhat", "dyg", "dyf", "gammaf", "crow")
 
 
 def _rows(rows: int | None) -> tirx.PrimExpr:
@@ -120,8 +121,11 @@ def backward(n: int, dtype: str, parts: int, rows: int | None = None):
     k = te.reduce_axis((0, _dim(n)), "k")
     c1, c2 = te.compute((rows,), lambda i: _SUM_PAIR((dyg_t[i, k] * xhat_t[i, k], dyg_t[i, k]), axis=k), name="c")
 
+    # Inlined and simplified, crow[i, 0] is c1[i] * (1 / N) again (schedules.database.workload).
+    crow = te.compute((rows, _dim(2)), lambda i, t: tirx.if_then_else(t == 0, c1[i], c2[i]) * (1.0 / n), name="crow")
+
     def grad_x(i, j):
-        inner = dyg_t[i, j] - xhat_t[i, j] * (c1[i] * (1.0 / n)) - c2[i] * (1.0 / n)
+        inner = dyg_t[i, j] - xhat_t[i, j] * crow[i, 0] - crow[i, 1]
         return (rstd[i] * inner).astype(dtype)
 
     dx = te.compute((rows, _dim(n)), grad_x, name="dx")

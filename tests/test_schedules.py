@@ -82,7 +82,7 @@ def _write_database(folder, kernel, target, traced, seconds=1e-4, extra_lines=()
 
 
 STRUCTURAL = ("cache_rows", "cache_gamma", "chunked", "rows_per_step", "explicit_unroll", "shared_acc")
-STRUCTURAL += ("threads_per_sm", "stage_rows", "prefetch")
+STRUCTURAL += ("threads_per_sm", "stage_rows", "prefetch", "row_scalars")
 # as the tuning spaces hold
 ONE_ROW_A_STEP = {
     "rows_per_step": 1,
@@ -91,6 +91,7 @@ ONE_ROW_A_STEP = {
     "threads_per_sm": 0,
     "stage_rows": 0,
     "prefetch": 0,
+    "row_scalars": 0,
 }
 
 
@@ -149,7 +150,7 @@ def test_tuned_record_keeps_rows_per_step_and_unrolling(tmp_path, rows_per_step,
     kernel = Kernel("backward", 2048, "bfloat16", spaces.parts_for(target, 2048, "bfloat16"))
     layout = {"rows_per_step": rows_per_step, "explicit_unroll": explicit_unroll}
     wanted = {"cache_rows": 1, "cache_gamma": 1, "chunked": 1, **layout, "shared_acc": 0, "threads_per_sm": 0}
-    wanted.update(stage_rows=0, prefetch=0)
+    wanted.update(stage_rows=0, prefetch=0, row_scalars=0)
     wanted.update(threads=128, unroll=64)
     assert database.choose(kernel, target, _records_of(tmp_path, kernel, target, wanted), selection={}).knobs == wanted
 
@@ -259,15 +260,33 @@ def test_occupancy_variants_fit_the_register_file():
     assert {v["threads"] for v in occupied} == {512}  # 256 threads keep 16 columns each: ~100 registers
 
 
-def test_staged_rows_leave_the_allreduce_result_to_thread_zero():
-    """With stage_rows, only the allreduce's own thread-0 stores write its shared result (a per-row
-    stage computed from it once scaled it in place from every thread: a race, see te_ops)."""
+@pytest.mark.parametrize("changed,local", [({"stage_rows": 1}, "dyg_local"), ({"row_scalars": 1}, "crow_local")])
+def test_stages_leave_the_allreduce_result_to_thread_zero(changed, local):
+    """With staged rows or per-row scalars, only the allreduce's own thread-0 stores write its shared
+    result (per-row stages computed from it once scaled it in place from every thread: a race, see
+    te_ops)."""
     kernel = Kernel("backward", 4096, "bfloat16", 264)
     knobs = {**ONE_ROW_A_STEP, "cache_rows": 1, "cache_gamma": 1, "chunked": 1, "threads": 512, "unroll": 64}
-    source = _cuda_source(kernel, {**knobs, "rows_per_step": 2, "explicit_unroll": 0, "stage_rows": 1})
+    source = _cuda_source(kernel, {**knobs, "rows_per_step": 2, "explicit_unroll": 0, **changed})
     stores = re.findall(r"\(\(volatile float\*\)red_result\w*\)\[0\] = ([^;]*);", source)
     assert stores and all(value.startswith("red_buf") for value in stores), stores
-    assert "xhat_local" in source and "dyg_local" in source
+    assert local in source
+
+
+def test_row_scalars_read_the_allreduce_result_once_a_row():
+    """Inlined, c1/N and c2/N re-read the volatile shared result for every element: in the source,
+    c1 and c2 in each lane of the 4-lane vector expression (looped over the row's vectors), 8 reads;
+    kept per row, c1 and c2 once."""
+    kernel = Kernel("backward", 4096, "bfloat16", 264)
+    knobs = {**ONE_ROW_A_STEP, "cache_rows": 1, "cache_gamma": 1, "chunked": 1, "threads": 512, "unroll": 64}
+    knobs = {**knobs, "rows_per_step": 2, "explicit_unroll": 0}
+
+    def reads(source: str) -> int:
+        stores = len(re.findall(r"\(\(volatile float\*\)red_result\w*\)\[0\] = ", source))
+        return source.count("((volatile float*)red_result") - stores
+
+    inlined, kept = reads(_cuda_source(kernel, knobs)), reads(_cuda_source(kernel, {**knobs, "row_scalars": 1}))
+    assert (inlined, kept) == (8, 2)
 
 
 @pytest.mark.parametrize("depth,rows_per_step", [(1, 1), (2, 2)])
