@@ -61,6 +61,15 @@ def cuda_resources(source: bytes, arch: str) -> dict[str, dict[str, int]]:
 _NOT_SOURCE = re.compile(rb"[^\t\n\r\x20-\x7e]")
 
 
+def stack_frame_bytes(lib, arch: str) -> int | None:
+    """The largest per-thread stack frame among a freshly built CUDA module's kernels (ptxas, for
+    `arch`); None without nvcc or without source to compile."""
+    source = _cuda_source(lib.mod.imports[0].inspect_source().encode())
+    if source is None or not shutil.which("nvcc"):
+        return None
+    return max((facts.get("stack", 0) for facts in cuda_resources(source, arch).values()), default=0)
+
+
 def _cuda_source(blob: bytes) -> bytes | None:
     """The CUDA source a CPU-only export embeds: plain ASCII from its header to the first other byte."""
     start = blob.find(b"#ifdef __CUDACC_RTC__")

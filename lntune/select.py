@@ -4,8 +4,10 @@ MetaSchedule measures each candidate with M fixed (static loops, no row predicat
 same schedule for symbolic M. The two can rank candidates differently, and the tuning spaces leave
 some structure out (rows per step, who unrolls), so this times, on the device and at M = elements / N,
 the exported form of the baseline, the tuned record and (backward on CUDA) a few structural
-variants around them (schedules.spaces.variants). Every candidate is first run on poisoned
-outputs and compared with the baseline's results. The winner per kernel goes to
+variants around them (schedules.spaces.variants). A CUDA candidate whose ptxas report shows a
+stack frame past STACK_LIMIT is left out. Every candidate is first run on poisoned outputs and
+compared with the baseline's results. Candidates within TIE of the fastest are timed again at
+SMALL_ROWS rows, where the fastest of them wins. The winner per kernel goes to
 tuning_logs/<target>/selection.json, which `schedules.database.choose` obeys.
 """
 
@@ -17,13 +19,14 @@ import os
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import tvm
 
 from lntune.build import compile_module, kernels_for
+from lntune.inspect import stack_frame_bytes
 from schedules import database, spaces
 from schedules.targets import TargetInfo, get_target
 from te_ops.layer_norm import OPS, Kernel
@@ -31,6 +34,11 @@ from te_ops.layer_norm import OPS, Kernel
 SELECTION = "selection.json"
 # Relative-norm distance from the baseline's outputs that a candidate may have (summation order only).
 AGREEMENT = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+# Bytes a thread of stack frame (local memory: a row cache ptxas could not keep in registers) past
+# which a CUDA candidate is left out. The driver reserves the frame for every thread that can be
+# resident: 512 bytes is 138 MB on an H100, and two winners of 8 and 20 KB (bench/NOTES.md) would
+# have reserved gigabytes, a cost the timing does not see. Spills of a few registers stay below.
+STACK_LIMIT = 512
 
 
 def _host_array(shape: list[int], dtype: str, data: np.ndarray | float) -> np.ndarray:
@@ -107,10 +115,15 @@ def candidates(
 
 
 def _build(job: tuple[Kernel, str, dict, str]) -> tuple[str, str]:
-    """Export one candidate to its own shared library (run in a worker); (path, "") or ("", error)."""
+    """Export one candidate to its own shared library (run in a worker); (path, "") or ("", why not)."""
     kernel, target_name, knobs, path = job
+    target = get_target(target_name)
     try:
-        _library(kernel, get_target(target_name), knobs).export_library(path)
+        lib = _library(kernel, target, knobs)
+        frame = stack_frame_bytes(lib, target.spec.get("arch", "sm_90")) if target.family == "cuda" else None
+        if frame is not None and frame > STACK_LIMIT:
+            return "", f"{frame}-byte stack frame a thread (local memory), over STACK_LIMIT = {STACK_LIMIT}"
+        lib.export_library(path)
     except Exception as err:  # noqa: BLE001 (a candidate that does not build is left out, with the reason)
         return "", (str(err).strip().splitlines() or ["?"])[-1][:200]
     return path, ""
@@ -176,12 +189,29 @@ def _measure(kernel: Kernel, paths: dict[str, str], rows: int, device, rng, log)
     return times
 
 
+@dataclass
+class Timed:
+    """One kernel's candidates as timed: label -> median us at `rows` rows, and the tied ones
+    (see TIE) again at `small_rows` (0: not re-timed)."""
+
+    kernel: Kernel
+    rows: int
+    us: dict[str, float]
+    small_rows: int = 0
+    small_us: dict[str, float] = field(default_factory=dict)
+
+
 def time_plan(
-    target: TargetInfo, plan: dict[Kernel, dict[str, dict]], elements: int = 1 << 26, log=print
-) -> Iterator[tuple[Kernel, int, dict[str, float]]]:
-    """Build every candidate of `plan` (kernel -> label -> knobs) in parallel, then yield each kernel
-    with its row count M = elements / N and label -> median us. The first label of a kernel is the
-    reference the others must agree with; a kernel whose reference did not build is skipped."""
+    target: TargetInfo,
+    plan: dict[Kernel, dict[str, dict]],
+    elements: int = 1 << 26,
+    log=print,
+    small_rows: int = 0,
+) -> Iterator[Timed]:
+    """Build every candidate of `plan` (kernel -> label -> knobs) in parallel, then time each kernel's
+    at M = elements / N rows, and with `small_rows` those within TIE of the fastest again at that M.
+    The first label of a kernel is the reference the others must agree with; a kernel whose
+    reference did not build is skipped."""
     device, rng = target.device(), np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="lntune-select-") as scratch:
         built = _build_all(target, plan, scratch, log)
@@ -192,7 +222,14 @@ def time_plan(
                 log(f"{kernel.name}: {reference} did not build; not timed")
                 continue
             rows = max(1, elements // kernel.hidden)
-            yield kernel, rows, _measure(kernel, paths, rows, device, rng, log)
+            timed = Timed(kernel, rows, _measure(kernel, paths, rows, device, rng, log))
+            close = tied(timed.us)
+            if small_rows and len(close) > 1:
+                timed.small_rows = small_rows
+                timed.small_us = _measure(
+                    kernel, {label: paths[label] for label in close}, small_rows, device, rng, log
+                )
+            yield timed
 
 
 def select(
@@ -226,12 +263,13 @@ def select(
                 labelled, sources[kernel] = candidates(kernel, target, records, focus, selected)
                 if len(labelled) > 1:
                     plan[kernel] = labelled
-    for kernel, rows, times in time_plan(target, plan, elements, log):
-        selection[kernel.name] = verdict(plan[kernel], times, rows, sources[kernel])
-        best = selection[kernel.name]
+    for timed in time_plan(target, plan, elements, log, small_rows=SMALL_ROWS):
+        kernel, times = timed.kernel, timed.us
+        selection[kernel.name] = best = verdict(plan[kernel], timed, sources[kernel])
+        small = f", {len(timed.small_us)} again at M={timed.small_rows}" if timed.small_us else ""
         log(
-            f"{kernel.name:<44} M={rows:<7} baseline {times['baseline']:8.1f} us  "
-            f"{best['label']} {times[best['label']]:8.1f} us  ({len(times)} timed)"
+            f"{kernel.name:<44} M={timed.rows:<7} baseline {times['baseline']:8.1f} us  "
+            f"{best['label']} {times[best['label']]:8.1f} us  ({len(times)} timed{small})"
         )
         path.write_text(json.dumps(selection, indent=1, sort_keys=True) + "\n")  # kept if a later one fails
     return path
@@ -256,10 +294,13 @@ def select_parts(target_name: str, hidden: list[int], dtypes: list[str], element
                     plan[moved], sources[moved] = {"today": choice.knobs}, choice.source
     timed: dict[tuple[int, str], dict[int, dict[str, float]]] = {}
     rows_of = {}
-    for kernel, rows, times in time_plan(target, plan, elements, log):
-        if "today" in times:
-            timed.setdefault((kernel.hidden, kernel.dtype), {}).setdefault(kernel.parts, {})[kernel.op] = times["today"]
-            rows_of[kernel.hidden] = rows
+    for result in time_plan(target, plan, elements, log):
+        kernel = result.kernel
+        if "today" in result.us:
+            timed.setdefault((kernel.hidden, kernel.dtype), {}).setdefault(kernel.parts, {})[kernel.op] = result.us[
+                "today"
+            ]
+            rows_of[kernel.hidden] = result.rows
     for (n, dtype), by_parts in timed.items():
         totals = {p: sum(ops.values()) for p, ops in by_parts.items() if len(ops) == 2}
         if not totals:
@@ -285,25 +326,45 @@ def select_parts(target_name: str, hidden: list[int], dtypes: list[str], element
     return path
 
 
-# Candidates this close to the fastest count as tied; the tie goes to the most threads a block.
-# Timed at one M (about 2**26 elements), a block of 128 threads won bfloat16 N = 4096 by 1 % and was
-# then 0.72x ATen at M = 1024, where 512 threads had been 1.32x: with P fixed, the threads of a
-# block are all the parallelism a small M has (bench/NOTES.md).
+# Candidates this close to the fastest count as tied, and are timed again at SMALL_ROWS rows (the
+# smallest M the issue asks about), where the fastest of them wins. Timed at one M (about 2**26
+# elements), a block of 128 threads won bfloat16 N = 4096 by 1 % and was then 0.72x ATen at
+# M = 1024, where 512 threads had been 1.32x: with P fixed, the threads of a block are all the
+# parallelism a small M has (bench/NOTES.md). Without small-M timings the most threads win a tie.
 TIE = 0.02
+SMALL_ROWS = 1024
 
 
-def verdict(labelled: dict[str, dict], times: dict[str, float], rows: int, record: str) -> dict:
+def tied(times: dict[str, float]) -> list[str]:
+    """The labels timed within TIE of the fastest, fastest first."""
+    fastest = min(times.values(), default=0.0)
+    return sorted((label for label in times if times[label] <= fastest * (1 + TIE)), key=times.get)
+
+
+def _small_m_winner(close: list[str], timed: Timed) -> str:
+    """Of the tied labels, the fastest at small M (within TIE there, the faster at the large M)."""
+    small = {label: timed.small_us[label] for label in close if label in timed.small_us}
+    best = min(small.values())
+    return min((label for label in small if small[label] <= best * (1 + TIE)), key=timed.us.get)
+
+
+def verdict(labelled: dict[str, dict], timed: Timed, record: str) -> dict:
     """The selection.json entry of one kernel: the fastest candidate (ties: see TIE), its knobs and
     every timing."""
-    fastest = min(times.values())
-    tied = [label for label in times if times[label] <= fastest * (1 + TIE)]
-    label = max(tied, key=lambda name: (labelled[name].get("threads", 0), -times[name]))
+    close = tied(timed.us)
+    if any(label in timed.small_us for label in close):
+        label = _small_m_winner(close, timed)
+    else:
+        label = max(close, key=lambda name: (labelled[name].get("threads", 0), -timed.us[name]))
     choice = label if label in ("baseline", "tuned") else "variant"
-    return {
+    entry = {
         "choice": choice,
         "label": label,
         "knobs": labelled[label],
-        "rows": rows,
-        "us": {name: round(us, 1) for name, us in sorted(times.items(), key=lambda item: item[1])},
+        "rows": timed.rows,
+        "us": {name: round(us, 1) for name, us in sorted(timed.us.items(), key=lambda item: item[1])},
         "record": record,
     }
+    if timed.small_us:
+        entry["small"] = {"rows": timed.small_rows, "us": {n: round(us, 2) for n, us in timed.small_us.items()}}
+    return entry

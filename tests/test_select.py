@@ -1,6 +1,7 @@
 """`lntune select` on the CPU: candidates, the agreement check, verdicts, and what export does with them."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -75,19 +76,46 @@ def test_measure_leaves_out_a_candidate_that_does_not_write_its_outputs(tmp_path
 
 def test_verdict_names_the_fastest_and_keeps_every_timing():
     labelled = {"baseline": {"threads": 64}, "tuned": {"threads": 128}, "variant3": {"threads": 32}}
-    entry = sel.verdict(labelled, {"baseline": 3.0, "tuned": 2.5, "variant3": 2.0}, 1000, "tuned:1:line2:1.0us")
+    timed = sel.Timed(None, 1000, {"baseline": 3.0, "tuned": 2.5, "variant3": 2.0})
+    entry = sel.verdict(labelled, timed, "tuned:1:line2:1.0us")
     assert entry["choice"] == "variant" and entry["label"] == "variant3" and entry["knobs"] == {"threads": 32}
-    assert list(entry["us"]) == ["variant3", "tuned", "baseline"]
-    assert sel.verdict(labelled, {"baseline": 1.0, "tuned": 2.0}, 1000, "")["choice"] == "baseline"
+    assert list(entry["us"]) == ["variant3", "tuned", "baseline"] and "small" not in entry
+    assert sel.verdict(labelled, sel.Timed(None, 1000, {"baseline": 1.0, "tuned": 2.0}), "")["choice"] == "baseline"
 
 
-def test_verdict_gives_a_tie_to_the_block_with_more_threads():
+def test_verdict_without_small_m_timings_gives_a_tie_to_the_block_with_more_threads():
     """Within TIE of the fastest the most threads win (small M has no other parallelism); beyond it, time."""
     labelled = {"baseline": {"threads": 512}, "variant1": {"threads": 128}, "variant2": {"threads": 256}}
     close = {"baseline": 101.0, "variant1": 100.0, "variant2": 100.5}
-    assert sel.verdict(labelled, close, 1000, "")["label"] == "baseline"
+    assert sel.verdict(labelled, sel.Timed(None, 1000, close), "")["label"] == "baseline"
     far = {"baseline": 100.0 * (1 + sel.TIE) + 0.5, "variant1": 100.0, "variant2": 100.5}
-    assert sel.verdict(labelled, far, 1000, "")["label"] == "variant2"
+    assert sel.verdict(labelled, sel.Timed(None, 1000, far), "")["label"] == "variant2"
+
+
+def test_verdict_settles_a_tie_by_the_small_m_timings():
+    """Tied at the large M, the fastest at small M wins; tied there too, the faster at the large M."""
+    labelled = {"baseline": {"threads": 512}, "variant1": {"threads": 128}, "variant2": {"threads": 256}}
+    large = {"baseline": 101.0, "variant1": 100.0, "variant2": 100.5, "variant9": 150.0}
+    labelled["variant9"] = {"threads": 64}
+    small = {"variant1": 9.0, "variant2": 6.0, "baseline": 6.1}
+    entry = sel.verdict(labelled, sel.Timed(None, 4096, large, sel.SMALL_ROWS, small), "")
+    assert entry["label"] == "variant2" and entry["small"] == {"rows": sel.SMALL_ROWS, "us": small}
+    assert sel.tied(large) == ["variant1", "variant2", "baseline"]
+
+
+def test_a_cuda_candidate_with_a_large_stack_frame_is_left_out(tmp_path):
+    """ptxas's stack frame decides: an interleaved 16-bit row cache of 4096 columns over 256 threads,
+    prefetched, went to local memory (8 KB a thread) and is not built; the committed choice is."""
+    if not shutil.which("nvcc"):
+        pytest.skip("needs nvcc for ptxas's report")
+    target = get_target("cuda-sm90")
+    kernel = Kernel("backward", 4096, "bfloat16", 264)
+    today = database.choose(kernel, target).knobs
+    spilled = {**today, "threads": 256, "chunked": 0, "prefetch": 2, "threads_per_sm": 0, "unroll": 64}
+    path, why = sel._build((kernel, target.name, spilled, str(tmp_path / "spilled.so")))
+    assert path == "" and "stack frame" in why and int(why.split("-byte")[0]) > sel.STACK_LIMIT
+    path, why = sel._build((kernel, target.name, today, str(tmp_path / "today.so")))
+    assert why == "" and path
 
 
 @pytest.mark.parametrize(
@@ -99,11 +127,13 @@ def test_verdict_gives_a_tie_to_the_block_with_more_threads():
         ("float16", {"stage_rows": 1}),
         ("float32", {"stage_rows": 2}),
         ("float16", {"stage_rows": 2, "rows_per_step": 2}),
+        ("float32", {"row_scalars": 1}),
+        ("float16", {"row_scalars": 1, "rows_per_step": 2, "stage_rows": 1}),
     ],
 )
 def test_a_selected_backward_variant_is_exported_and_correct(tmp_path, dtype, changed):
-    """Two rows a step and staged rows, through selection.json and export, at row counts that end a
-    chunk mid-step."""
+    """Two rows a step, staged rows and per-row scalars, through selection.json and export, at row
+    counts that end a chunk mid-step."""
     target = get_target("llvm")
     kernel = _cpu_backward(dtype=dtype)
     knobs = {**database.baseline_knobs(kernel, target), **changed}
@@ -134,8 +164,26 @@ def test_time_plan_times_every_built_candidate_and_skips_a_kernel_without_its_re
     monkeypatch.setattr(sel, "_build_all", without_unbuilt)
     notes = []
     timed = list(sel.time_plan(target, plan, elements=64 * 37, log=notes.append))
-    assert [(k, rows, sorted(times)) for k, rows, times in timed] == [(kernel, 37, ["baseline", "two_rows"])]
+    assert [(t.kernel, t.rows, sorted(t.us), t.small_us) for t in timed] == [(kernel, 37, ["baseline", "two_rows"], {})]
     assert any(unbuilt.name in note and "baseline did not build" in note for note in notes)
+
+
+def test_time_plan_times_only_the_tied_candidates_again_at_small_m(monkeypatch):
+    target = get_target("llvm")
+    kernel = _cpu_backward()
+    base = database.baseline_knobs(kernel, target)
+    plan = {kernel: {"baseline": base, "close": base, "far": base}}
+    large = {"baseline": 100.0, "close": 100.0 * (1 + sel.TIE), "far": 100.0 * (1 + sel.TIE) + 0.1}
+    calls = []
+
+    def fake_measure(kernel, paths, rows, device, rng, log):
+        calls.append((rows, sorted(paths)))
+        return {label: large[label] if rows == 37 else 1.0 for label in paths}
+
+    monkeypatch.setattr(sel, "_measure", fake_measure)
+    (timed,) = sel.time_plan(target, plan, elements=64 * 37, small_rows=5)
+    assert calls == [(37, ["baseline", "close", "far"]), (5, ["baseline", "close"])]
+    assert timed.small_rows == 5 and timed.small_us == {"baseline": 1.0, "close": 1.0}
 
 
 def test_select_parts_keeps_the_fastest_p_and_export_builds_at_it(tmp_path, monkeypatch):
