@@ -200,7 +200,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--focus",
         default=None,
-        help="KNOB or KNOB=VALUE: time only the baseline, today's selection and the variants that set it",
+        help="KNOB or KNOB=VALUE, or several joined by commas: time only the baseline, today's selection "
+        "and the variants that set them",
     )
     s.add_argument(
         "--parts", action="store_true", help="choose P (backward row chunks) per hidden size and dtype instead"

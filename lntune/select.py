@@ -86,9 +86,10 @@ def candidates(
 ) -> tuple[dict[str, dict], str]:
     """label -> knobs to time (baseline, tuned, variant<i>), and where the tuned knobs came from.
 
-    With `focus` (a knob name, or name=value), only the baseline, the `selected` knobs and the
-    candidates that set that knob (to that value), plus with a value the `selected` knobs set to
-    it: a new knob is measured against today's choice without re-timing every variant.
+    With `focus` (a knob name or name=value, or several joined by commas), only the baseline, the
+    `selected` knobs and the candidates that set every such knob (to that value), plus with values
+    the `selected` knobs set to them: a new knob is measured against today's choice without
+    re-timing every variant.
     """
     found = {"baseline": database.baseline_knobs(kernel, target)}
     choice = database.choose(kernel, target, records, selection={})
@@ -98,17 +99,18 @@ def candidates(
         if knobs not in found.values():
             found[f"variant{index}"] = knobs
     if focus:
-        name, _, value = focus.partition("=")
+        wanted = {name: value for name, _, value in (part.partition("=") for part in focus.split(","))}
 
         def focused(knobs: dict) -> bool:
-            return knobs.get(name) == int(value) if value else bool(knobs.get(name))
+            return all(knobs.get(n) == int(v) if v else bool(knobs.get(n)) for n, v in wanted.items())
 
         found = {
             label: knobs for label, knobs in found.items() if label == "baseline" or knobs == selected or focused(knobs)
         }
-        # Today's choice with the focused value, when the variants (built around the tuned record)
-        # lack it and the value is one its space offers.
-        moved = database.exact_knobs(kernel, target, {**selected, name: int(value)}) if value and selected else None
+        # Today's choice with the focused values, when the variants (built around the tuned record)
+        # lack it and the values are ones its space offers.
+        values = {n: int(v) for n, v in wanted.items() if v}
+        moved = database.exact_knobs(kernel, target, {**selected, **values}) if values and selected else None
         if moved and moved not in found.values():
             found["selected+" + focus] = moved
     return found, choice.source

@@ -575,6 +575,19 @@ def _backward_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[d
     # Per-row scalars on every unstaged variant so far: they won or tied at 17 of 21 kernels, and
     # lost (up to 1.5x) only beside staged rows (select-rowscalars, bench/NOTES.md).
     found += [{**k, "row_scalars": 1} for k in found if not k["stage_rows"]]
+    # Staged rows prefetched, with and without per-row scalars: staging converts each 16-bit
+    # element once instead of in every block that uses it (848 -> 725 PTX instructions for
+    # bfloat16 N = 8192 at 64 registers), and prefetched rows wait in shared memory, not registers.
+    for depth in PREFETCH[1:]:
+        both = [
+            {**k, "stage_rows": stage, "prefetch": depth, "row_scalars": scalars}
+            for k in cached
+            if not k["shared_acc"]
+            for stage in STAGE_ROWS[1:]
+            for scalars in (0, 1)
+        ]
+        both = [k for k in both if shared_bytes_needed(kernel, k) <= target.dynamic_shared_bytes]
+        found += both + _occupied(kernel, both)
     unique = [base]
     for knobs in found:
         if knobs not in unique:

@@ -318,6 +318,20 @@ def test_prefetch_variants_fit_shared_memory():
     assert not any(v["prefetch"] for v in spaces.variants(kernel, target, database.baseline_knobs(kernel, target)))
 
 
+def test_variants_add_row_scalars_and_prefetched_staged_rows():
+    """Per-row scalars on the unstaged variants; staged rows prefetched with and without them."""
+    target = get_target("cuda-sm90")
+    kernel = Kernel("backward", 8192, "bfloat16", 132)
+    found = spaces.variants(kernel, target, database.baseline_knobs(kernel, target))
+    unstaged = [v for v in found if not v["stage_rows"] and not v["row_scalars"]]
+    assert all({**v, "row_scalars": 1} in found for v in unstaged)
+    staged_ahead = [v for v in found if v["stage_rows"] and v["prefetch"]]
+    assert {(v["stage_rows"], v["prefetch"], v["row_scalars"]) for v in staged_ahead} == {
+        (s, p, r) for s in (1, 2) for p in (1, 2) for r in (0, 1)
+    }
+    assert not any(v["stage_rows"] and v["row_scalars"] and not v["prefetch"] for v in found)
+
+
 @pytest.mark.parametrize("lanes", [1, 32])
 def test_partials_sum_splits_p_over_lanes(lanes):
     kernel = Kernel("backward_sum", 1024, "float32", 528)

@@ -226,9 +226,24 @@ def test_focus_with_a_value_also_times_todays_choice_set_to_it():
     target = get_target("cuda-sm90")
     kernel = Kernel("backward", 8192, "bfloat16", 132)
     everything, _ = sel.candidates(kernel, target, records={})
-    today = next(k for k in everything.values() if k["stage_rows"] and not k["prefetch"])  # no staged prefetch variants
+    staged = next(k for k in everything.values() if k["stage_rows"] and not k["prefetch"])
+    today = {**staged, "unroll": 16}  # no variant has this unrolling
     ahead, _ = sel.candidates(kernel, target, {}, focus="prefetch=2", selected=today)
     assert ahead["selected+prefetch=2"] == {**today, "prefetch": 2}
     shared = next(k for k in everything.values() if k["shared_acc"])
     ruled_out, _ = sel.candidates(kernel, target, {}, focus="prefetch=2", selected=shared)
     assert "selected+prefetch=2" not in ruled_out
+
+
+def test_focus_on_several_knobs_keeps_the_variants_setting_all_of_them():
+    """stage_rows=2,prefetch=1: only candidates with both (staged rows prefetched), and today's choice
+    with both set."""
+    target = get_target("cuda-sm90")
+    kernel = Kernel("backward", 8192, "bfloat16", 132)
+    everything, _ = sel.candidates(kernel, target, records={})
+    today = {**next(k for k in everything.values() if not k["stage_rows"] and not k["prefetch"]), "unroll": 16}
+    both, _ = sel.candidates(kernel, target, {}, focus="stage_rows=2,prefetch=1", selected=today)
+    focused = [k for label, k in both.items() if label not in ("baseline",)]
+    assert len(focused) > 10 and today not in focused
+    assert all(k["stage_rows"] == 2 and k["prefetch"] == 1 for k in focused)
+    assert both["selected+stage_rows=2,prefetch=1"] == {**today, "stage_rows": 2, "prefetch": 1}
