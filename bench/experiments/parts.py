@@ -35,7 +35,8 @@ def main() -> None:
             for op in ("backward", "backward_sum"):
                 plan[Kernel(op, n, dtype, parts)] = {"chosen": knobs[op]}
     with Path(sys.argv[1]).open("a") as out:
-        for kernel, rows, times in time_plan(target, plan):
+        for timed in time_plan(target, plan):
+            kernel, rows, times = timed.kernel, timed.rows, timed.us
             row = {"op": kernel.op, "hidden": kernel.hidden, "dtype": kernel.dtype, "parts": kernel.parts}
             row.update(rows=rows, us=round(times.get("chosen", float("nan")), 2))
             print(json.dumps(row), flush=True)

@@ -48,7 +48,8 @@ def main() -> None:
             plan[kernel] = _grid(chosen["backward"], spaces.thread_candidates(kernel, target, max_per_thread=32))
             plan[Kernel("backward_sum", n, dtype, parts)] = {"selected": chosen["backward_sum"]}
     with Path(sys.argv[1]).open("a") as out:
-        for kernel, _rows, times in time_plan(target, plan):
+        for timed in time_plan(target, plan):
+            kernel, times = timed.kernel, timed.us
             for label, us in times.items():
                 row = {"op": kernel.op, "hidden": kernel.hidden, "dtype": kernel.dtype, "parts": kernel.parts}
                 row.update(label=label, knobs=plan[kernel][label], us=round(us, 2))
