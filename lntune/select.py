@@ -299,9 +299,8 @@ def select_parts(target_name: str, hidden: list[int], dtypes: list[str], element
     for result in time_plan(target, plan, elements, log):
         kernel = result.kernel
         if "today" in result.us:
-            timed.setdefault((kernel.hidden, kernel.dtype), {}).setdefault(kernel.parts, {})[kernel.op] = result.us[
-                "today"
-            ]
+            at_parts = timed.setdefault((kernel.hidden, kernel.dtype), {}).setdefault(kernel.parts, {})
+            at_parts[kernel.op] = result.us["today"]
             rows_of[kernel.hidden] = result.rows
     for (n, dtype), by_parts in timed.items():
         totals = {p: sum(ops.values()) for p, ops in by_parts.items() if len(ops) == 2}

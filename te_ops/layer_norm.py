@@ -20,9 +20,10 @@ OPS = ("forward", "forward_stats", "backward", "backward_sum")
 # at a time without a remainder (schedules.spaces.ROWS_PER_STEP).
 ROW_GRANULE = 2
 # Stages of the backward that a schedule keeps in registers or inlines: per element, and "crow",
-# the row's (c1/N, c2/N) as one two-element row. (As two one-element stages, TVM 0.27's storage
-# rewrite reused the allreduce's buffer for them in place, which then scaled its shared result
-# from every thread: a race. A two-element buffer is never reused for a one-element one.)
+# the row's (c1/N, c2/N) as one two-element row. As two one-element stages (fourth session), TVM
+# 0.27 wrote them into the allreduce's shared result in place from every thread: a race. Likely
+# its storage rewrite, which reuses a buffer in place only at equal size; the two-element row is
+# stored apart, and a test checks that only thread 0 writes the shared result.
 BACKWARD_STAGES = ("xhat", "dyg", "dyf", "gammaf", "crow")
 
 
