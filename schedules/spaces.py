@@ -572,8 +572,9 @@ def _backward_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[d
         ahead = [{**k, "prefetch": depth} for k in cached if not k["shared_acc"]]
         ahead = [k for k in ahead if shared_bytes_needed(kernel, k) <= target.dynamic_shared_bytes]
         found += ahead + _occupied(kernel, ahead)
-    # Per-row scalars on every unstaged variant so far: they won or tied at 17 of 21 kernels, and
-    # lost (up to 1.5x) only beside staged rows (select-rowscalars, bench/NOTES.md).
+        # Per-row scalars on every unstaged variant so far: added to the choices of the day they won
+    # 7 of 21 kernels by 2-3 % and tied 8; they lost 1-4 % at four and 7 % and 46 % beside staged
+    # rows (select-rowscalars, bench/NOTES.md).
     found += [{**k, "row_scalars": 1} for k in found if not k["stage_rows"]]
     # Staged rows prefetched, with and without per-row scalars: staging converts each 16-bit
     # element once instead of in every block that uses it (848 -> 725 PTX instructions for
