@@ -247,3 +247,22 @@ def test_focus_on_several_knobs_keeps_the_variants_setting_all_of_them():
     assert len(focused) > 10 and today not in focused
     assert all(k["stage_rows"] == 2 and k["prefetch"] == 1 for k in focused)
     assert both["selected+stage_rows=2,prefetch=1"] == {**today, "stage_rows": 2, "prefetch": 1}
+
+
+def test_every_committed_cuda_backward_choice_keeps_its_rows_out_of_local_memory():
+    """What select checks per candidate holds for the committed selection: ptxas gives no selected
+    CUDA backward a stack frame past STACK_LIMIT (a row cache in local memory)."""
+    if not shutil.which("nvcc"):
+        pytest.skip("needs nvcc for ptxas's report")
+    from lntune.build import compile_module
+    from lntune.inspect import _cuda_source, cuda_resources
+
+    target = get_target("cuda-sm90")
+    mod = tvm.IRModule()
+    for n in (768, 1024, 2048, 4096, 5120, 8192, 16384):
+        for dtype in ("float32", "bfloat16", "float16"):
+            kernel = next(k for k in kernels_for(n, dtype, target) if k.op == "backward")
+            mod[kernel.name] = database.scheduled(kernel, target, database.choose(kernel, target).knobs)
+    source = _cuda_source(compile_module(mod, target).mod.imports[0].inspect_source().encode())
+    frames = {name: facts["stack"] for name, facts in cuda_resources(source, "sm_90").items()}
+    assert len(frames) == 21 and max(frames.values()) <= sel.STACK_LIMIT, frames
