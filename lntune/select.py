@@ -255,23 +255,26 @@ def select(
     path = folder / SELECTION
     selection = database.read_selection(folder)
     records = database.read_records(folder)
-    plan, sources = {}, {}
+    plan, sources, previous = {}, {}, {}
     for n in hidden:
         for dtype in dtypes:
             for kernel in kernels_for(n, dtype, target, database.selected_parts(target, n, dtype, selection)):
                 if ops and kernel.op not in ops:
                     continue
-                selected = database.choose(kernel, target, records, selection).knobs if focus else None
-                labelled, sources[kernel] = candidates(kernel, target, records, focus, selected)
+                selected = database.choose(kernel, target, records, selection).knobs
+                labelled, sources[kernel] = candidates(kernel, target, records, focus, selected if focus else None)
                 if len(labelled) > 1:
                     plan[kernel] = labelled
+                    previous[kernel] = next((label for label, knobs in labelled.items() if knobs == selected), None)
     for timed in time_plan(target, plan, elements, log, small_rows=SMALL_ROWS):
         kernel, times = timed.kernel, timed.us
         selection[kernel.name] = best = verdict(plan[kernel], timed, sources[kernel])
         small = f", {len(timed.small_us)} again at M={timed.small_rows}" if timed.small_us else ""
+        before = previous[kernel]
+        before = f"  previous {before} {times[before]:8.1f} us" if before in times else "  previous not timed"
         log(
-            f"{kernel.name:<44} M={timed.rows:<7} baseline {times['baseline']:8.1f} us  "
-            f"{best['label']} {times[best['label']]:8.1f} us  ({len(times)} timed{small})"
+            f"{kernel.name:<44} M={timed.rows:<7} baseline {times['baseline']:8.1f} us{before}  "
+            f"-> {best['label']} {times[best['label']]:8.1f} us  ({len(times)} timed{small})"
         )
         path.write_text(json.dumps(selection, indent=1, sort_keys=True) + "\n")  # kept if a later one fails
     return path

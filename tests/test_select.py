@@ -266,3 +266,25 @@ def test_every_committed_cuda_backward_choice_keeps_its_rows_out_of_local_memory
     source = _cuda_source(compile_module(mod, target).mod.imports[0].inspect_source().encode())
     frames = {name: facts["stack"] for name, facts in cuda_resources(source, "sm_90").items()}
     assert len(frames) == 21 and max(frames.values()) <= sel.STACK_LIMIT, frames
+
+
+def test_select_on_the_cpu_times_the_previous_choice_and_writes_the_verdict(tmp_path, monkeypatch):
+    """select end to end with two backward candidates: the log names the previous choice and the
+    winner with their times, and selection.json gets the verdict."""
+    (tmp_path / "llvm").mkdir()
+    monkeypatch.setattr(database, "TUNING_LOGS", tmp_path)
+
+    def two_for_the_backward(kernel, target, records, focus=None, selected=None):
+        base = database.baseline_knobs(kernel, target)
+        extra = {"variant1": {**base, "rows_per_step": 2}} if kernel.op == "backward" else {}
+        return {"baseline": base, **extra}, "baseline"
+
+    monkeypatch.setattr(sel, "candidates", two_for_the_backward)
+    notes = []
+    sel.select("llvm", [64], ["float32"], elements=64 * 41, log=notes.append)
+    kernel = _cpu_backward()
+    (line,) = [note for note in notes if note.startswith(kernel.name)]
+    assert "previous baseline" in line and "-> " in line and "2 timed" in line
+    entry = json.loads((tmp_path / "llvm" / "selection.json").read_text())[kernel.name]
+    assert entry["label"] in ("baseline", "variant1") and set(entry["us"]) == {"baseline", "variant1"}
+    assert entry["rows"] == 41
