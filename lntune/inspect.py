@@ -61,13 +61,22 @@ def cuda_resources(source: bytes, arch: str) -> dict[str, dict[str, int]]:
 _NOT_SOURCE = re.compile(rb"[^\t\n\r\x20-\x7e]")
 
 
-def stack_frame_bytes(lib, arch: str) -> int | None:
-    """The largest per-thread stack frame among a freshly built CUDA module's kernels (ptxas, for
-    `arch`); None without nvcc or without source to compile."""
+def built_cuda_resources(lib, arch: str) -> dict[str, dict[str, int]] | None:
+    """cuda_resources of a freshly built CUDA module (tvm.compile's result); None without nvcc or
+    without source to compile."""
     source = _cuda_source(lib.mod.imports[0].inspect_source().encode())
     if source is None or not shutil.which("nvcc"):
         return None
-    return max((facts.get("stack", 0) for facts in cuda_resources(source, arch).values()), default=0)
+    return cuda_resources(source, arch)
+
+
+def stack_frame_bytes(lib, arch: str) -> int | None:
+    """The largest per-thread stack frame among a freshly built CUDA module's kernels (ptxas, for
+    `arch`); None without nvcc or without source to compile."""
+    resources = built_cuda_resources(lib, arch)
+    if resources is None:
+        return None
+    return max((facts.get("stack", 0) for facts in resources.values()), default=0)
 
 
 def _cuda_source(blob: bytes) -> bytes | None:

@@ -255,7 +255,7 @@ def test_every_committed_cuda_backward_choice_keeps_its_rows_out_of_local_memory
     if not shutil.which("nvcc"):
         pytest.skip("needs nvcc for ptxas's report")
     from lntune.build import compile_module
-    from lntune.inspect import _cuda_source, cuda_resources
+    from lntune.inspect import built_cuda_resources
 
     target = get_target("cuda-sm90")
     mod = tvm.IRModule()
@@ -263,8 +263,8 @@ def test_every_committed_cuda_backward_choice_keeps_its_rows_out_of_local_memory
         for dtype in ("float32", "bfloat16", "float16"):
             kernel = next(k for k in kernels_for(n, dtype, target) if k.op == "backward")
             mod[kernel.name] = database.scheduled(kernel, target, database.choose(kernel, target).knobs)
-    source = _cuda_source(compile_module(mod, target).mod.imports[0].inspect_source().encode())
-    frames = {name: facts["stack"] for name, facts in cuda_resources(source, "sm_90").items()}
+    resources = built_cuda_resources(compile_module(mod, target), "sm_90")
+    frames = {name: facts["stack"] for name, facts in resources.items()}
     assert len(frames) == 21 and max(frames.values()) <= sel.STACK_LIMIT, frames
 
 
