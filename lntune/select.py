@@ -138,9 +138,10 @@ def _build_all(target: TargetInfo, plan: dict[Kernel, dict[str, dict]], folder: 
         for kernel, labelled in plan.items()
         for label, knobs in labelled.items()
     }
-    # spawn: the workers must not inherit this process's TVM/CUDA state.
+    # spawn: the workers must not inherit this process's TVM/CUDA state. One worker per core this
+    # process may run on, so select jobs pinned to disjoint cores (bench/parallel_select.sh) share a host.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1, mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=len(os.sched_getaffinity(0)), mp_context=context) as pool:
         results = dict(zip(jobs, pool.map(_build, jobs.values()), strict=True))
     built = {}
     for (kernel, label), (path, error) in results.items():
