@@ -63,11 +63,15 @@ def _free_servers(host: str, port: int, key: str) -> int:
 
 
 @contextlib.contextmanager
-def local_rpc(count: int, key: str, log_dir: Path, gpus: list[int] | None = None) -> Iterator[str]:
+def local_rpc(
+    count: int, key: str, log_dir: Path, gpus: list[int] | None = None, forked_sessions: bool | None = None
+) -> Iterator[str]:
     """A tracker and `count` RPC servers on loopback (server i pinned to gpus[i]); yields HOST:PORT.
 
+    Sessions are forked on the CPU and spawned for GPUs unless `forked_sessions` says (server_command).
     Each server logs to log_dir/rpc_server_<i>.log, where "load_module" lines count its measurements.
     """
+    forked_sessions = gpus is None if forked_sessions is None else forked_sessions
     log_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     processes = []
@@ -95,30 +99,9 @@ def local_rpc(count: int, key: str, log_dir: Path, gpus: list[int] | None = None
             env = dict(os.environ)
             if gpus is not None:
                 env["CUDA_VISIBLE_DEVICES"] = str(gpus[i])
-            server_port = _free_port()
             log = (log_dir / f"rpc_server_{i}.log").open("w")
-            processes.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "tvm.exec.rpc_server",
-                        "--host",
-                        LOOPBACK,
-                        "--port",
-                        str(server_port),
-                        "--port-end",
-                        str(server_port + 1),
-                        "--tracker",
-                        f"{LOOPBACK}:{port}",
-                        "--key",
-                        key,
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                )
-            )
+            command = server_command(_free_port(), port, key, forked_sessions)
+            processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
         _wait(
             lambda: _free_servers(LOOPBACK, port, key) >= count, 120, f"{count} RPC servers with key {key!r}", processes
         )
@@ -131,6 +114,20 @@ def local_rpc(count: int, key: str, log_dir: Path, gpus: list[int] | None = None
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def server_command(port: int, tracker_port: int, key: str, forked_sessions: bool) -> list[str]:
+    """The command line of one RPC server on loopback that registers with the tracker.
+
+    A TVM RPC server serves each session in a child process, forked by default. A GPU server must
+    not fork: the server process has loaded the CUDA driver (libtvm links it), and a forked child
+    then fails its first CUDA call (CUDA_ERROR_NOT_INITIALIZED, every trial of a tuning job on the
+    H200 host, 2026-11-26). `--no-fork` spawns a fresh interpreter per session instead (~4 s there,
+    mostly importing TVM), so GPU measurements cost that much more each; CPU servers keep forking.
+    """
+    command = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", LOOPBACK, "--port", str(port)]
+    command += ["--port-end", str(port + 1), "--tracker", f"{LOOPBACK}:{tracker_port}", "--key", key]
+    return command if forked_sessions else [*command, "--no-fork"]
 
 
 def _connects(port: int) -> bool:

@@ -3,6 +3,8 @@ its database, resumes from it, and export then uses the tuned record."""
 
 import json
 
+import numpy as np
+
 from lntune.build import export
 from schedules import database
 from schedules.targets import get_target
@@ -90,3 +92,29 @@ def test_prune_command_drops_workloads_of_no_current_kernel(tmp_path, capsys):
     assert main(["prune", "--target", "llvm", "--hidden", "64", "--dtype", "float32", "--log-dir", str(tmp_path)]) == 0
     assert "2 records -> 1" in capsys.readouterr().out
     assert json.loads((tmp_path / database.WORKLOADS).read_text())[0] == workloads[0][0]
+
+
+def test_a_spawning_rpc_server_loads_and_runs_a_module_and_logs_it(tmp_path):
+    """GPU servers spawn each session (a forked child cannot use CUDA); on the CPU the same server
+    mode serves an uploaded module, and its log still counts the measurement."""
+    import tvm
+    from tvm import rpc as tvm_rpc
+
+    from schedules import rpc
+
+    assert "--no-fork" in rpc.server_command(1, 2, "k", forked_sessions=False)
+    assert "--no-fork" not in rpc.server_command(1, 2, "k", forked_sessions=True)
+    kernel = Kernel("forward_stats", 64, "float32")
+    lib = tvm.compile(tvm.IRModule({kernel.name: database.scheduled(kernel, get_target("llvm"), {})}), target="llvm")
+    lib.export_library(str(tmp_path / "k.so"))
+    with rpc.local_rpc(1, "spawn", tmp_path / "rpc", forked_sessions=False) as tracker:
+        host, port = rpc.parse_address(tracker)
+        session = tvm_rpc.connect_tracker(host, port).request("spawn", session_timeout=120)
+        session.upload(str(tmp_path / "k.so"))
+        module = session.load_module("k.so")
+        x = np.random.default_rng(0).standard_normal((3, 64)).astype("float32") + 3
+        dev = session.cpu(0)
+        mean, rstd = tvm.runtime.tensor(np.zeros(3, "float32"), dev), tvm.runtime.tensor(np.zeros(3, "float32"), dev)
+        module[kernel.name](tvm.runtime.tensor(x, dev), 1e-5, mean, rstd)
+        np.testing.assert_allclose(mean.numpy(), x.mean(axis=1), rtol=1e-5)
+    assert rpc.measurements_per_server(tmp_path / "rpc") == [1]
