@@ -24,6 +24,7 @@ fi
 cores=$(nproc)
 share=$((cores / jobs))
 i=0
+pids=()
 for job in "$@"; do
   dir=$WORK/job$i
   mkdir -p "$dir"
@@ -33,15 +34,21 @@ for job in "$@"; do
     IFS=';' read -ra selects <<<"$job"
     pin=""
     command -v taskset >/dev/null && pin="taskset -c $((i * share))-$(((i + 1) * share - 1))"
+    failed=0
     for args in "${selects[@]}"; do
       # shellcheck disable=SC2086  # one select's arguments, split on purpose
       CUDA_VISIBLE_DEVICES=$i PYTHONPATH="$dir:$PYTHONPATH" $pin \
-        python3 -m lntune select --target "$TARGET" $args 2>&1 | grep -v Warning
+        python3 -m lntune select --target "$TARGET" $args 2>&1 | grep -v Warning || failed=1
     done
+    exit $failed
   ) >"$OUT/select-job$i.txt" &
+  pids+=($!)
   i=$((i + 1))
 done
-wait
+failures=0
+for i in "${!pids[@]}"; do
+  wait "${pids[$i]}" || { echo "parallel_select: job $i failed (see $OUT/select-job$i.txt); its other entries are still merged" >&2; failures=$((failures + 1)); }
+done
 python3 - "$SELECTION" "$WORK" "$jobs" <<'PY'
 import json, sys
 from pathlib import Path
@@ -62,3 +69,4 @@ path.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
 print(f"merged {len(changed_by)} changed entries from {jobs} jobs into {path}")
 PY
 cp "$SELECTION" "$OUT/selection.json"
+exit $((failures > 0))

@@ -288,3 +288,36 @@ def test_select_on_the_cpu_times_the_previous_choice_and_writes_the_verdict(tmp_
     entry = json.loads((tmp_path / "llvm" / "selection.json").read_text())[kernel.name]
     assert entry["label"] in ("baseline", "variant1") and set(entry["us"]) == {"baseline", "variant1"}
     assert entry["rows"] == 41
+
+
+def test_parallel_select_merges_each_jobs_changes_and_reports_a_clash(tmp_path):
+    """bench/parallel_select.sh on the CPU (llvm, two stand-in GPUs): each job selects in its own copy
+    of the checkout, the changed entries land in this one, and a kernel two jobs changed is reported."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path / "repo"
+    for part in ("lntune", "schedules", "te_ops", "bench"):
+        shutil.copytree(database.ROOT / part, root / part, ignore=shutil.ignore_patterns("results", "__pycache__"))
+    (root / "tuning_logs" / "llvm").mkdir(parents=True)
+    (root / "tuning_logs" / "llvm" / "selection.json").write_text("{}\n")
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (tools / "python3").chmod(0o755)
+    (tools / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: stand-in'\necho 'GPU 1: stand-in'\n")
+    (tools / "nvidia-smi").chmod(0o755)
+    env = dict(os.environ, PATH=f"{tools}:{os.environ['PATH']}", TARGET="llvm", OUT=str(tmp_path / "out"))
+    env.update(WORK=str(tmp_path / "work"), PYTHONPATH="")
+    n64 = "--parts --hidden 64 --dtype float32 --elements 2560"
+    jobs = [n64, f"{n64}; --parts --hidden 128 --dtype float32 --elements 5120"]
+    done = subprocess.run(
+        ["bash", "bench/parallel_select.sh", *jobs], cwd=root, env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    merged = json.loads((root / "tuning_logs" / "llvm" / "selection.json").read_text())
+    assert {"parts:float32:n64", "parts:float32:n128"} <= set(merged)
+    assert "parts:float32:n64: changed by jobs 0 and 1; job 0's entry kept" in done.stdout
+    assert "P=" in (tmp_path / "out" / "select-job1.txt").read_text()
+    assert json.loads((tmp_path / "out" / "selection.json").read_text()) == merged
