@@ -63,6 +63,8 @@ class Impls:
         self.peers = peers
         self.passes = {}  # (impl, pass) -> callable returning outputs
         self._lntune()
+        if "api" in peers:
+            self._api()
         if "aten" in peers:
             self._aten()
         if "compile" in peers:
@@ -97,6 +99,15 @@ class Impls:
         self.passes.update(
             {("lntune", "forward"): forward, ("lntune", "stats"): statistics_, ("lntune", "backward"): backward}
         )
+
+    def _api(self):
+        """lntune through its Python API on torch tensors (`lntune.load(...).forward/backward`, what
+        lntune.torch calls): argument checks, output allocation and DLPack per call. "lntune" above
+        times the bare kernels on buffers allocated once; the gap is the API's cost, which shows at
+        small M where a kernel takes microseconds."""
+        lib, x, g, b = self.lib, self.x, self.gamma, self.beta
+        self.passes[("lntune-api", "forward")] = lambda: lib.forward(x, g, b)
+        self.passes[("lntune-api", "backward")] = lambda: lib.backward(self.dy, x, self.mean, self.rstd, g)
 
     def _aten(self):
         aten, n = self.torch.ops.aten, self.hidden

@@ -216,7 +216,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", type=_words, default=None, help="only these dtypes of the library")
     b.add_argument("--tag", default="", help="suffix for the result file names")
     b.add_argument("--out", type=Path, default=Path("bench/results"))
-    b.add_argument("--peers", type=_words, default=["aten", "compile", "liger"])
+    b.add_argument("--peers", type=_words, default=["api", "aten", "compile", "liger"])
     b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("inspect", help="per-kernel facts of a library (registers, spills, vector loads)")

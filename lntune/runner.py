@@ -205,17 +205,18 @@ class Library:
         dx = self._empty(kind, dy, (rows, hidden), info.dtype)
         dgamma = self._empty(kind, dy, (hidden,), info.dtype)
         dbeta = self._empty(kind, dy, (hidden,), info.dtype)
-        # Partials live on the device whatever the caller's kind; rows == 0 still sums P zero rows.
+        # The fp32 partials live on the device. With torch tensors they come from torch's caching
+        # allocator, ordered on its current stream: tvm.runtime.empty is a cudaMalloc, and freeing it
+        # a cudaFree, which waits for the whole device, in every training step's backward.
         count = self.parts[(hidden, info.dtype)]
-        parts = [tvm.runtime.empty((count, hidden), STATS_DTYPE, self.device) for _ in range(2)]
+        parts = [self._empty(kind, dy, (count, hidden), STATS_DTYPE) for _ in range(2)]
         args = [self._to_device(kind, a) for a in (dy, x, mean, rstd, gamma)]
         with self._stream(kind, dy):
             if rows:
                 self._function("backward", hidden, info.dtype)(*args, dx, *parts)
-            else:
-                zeros = np.zeros((count, hidden), STATS_DTYPE)
+            else:  # no rows: the sum still runs, over P rows of zeros
                 for p in parts:
-                    p.copyfrom(zeros)
+                    p.zero_() if kind.is_torch else p.copyfrom(np.zeros((count, hidden), STATS_DTYPE))
             self._function("backward_sum", hidden, info.dtype)(*parts, dgamma, dbeta)
         return tuple(self._back(kind, t) for t in (dx, dgamma, dbeta))
 

@@ -84,3 +84,26 @@ def test_backward_rejects_wrong_statistics_without_touching_inputs(llvm_library)
         llvm_library.backward(dy, x[:3], mean, rstd, gamma)
     for a, b in zip(before, (dy, x, mean, rstd, gamma)):
         assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("rows", [0, 7])
+def test_torch_backward_takes_its_partials_from_torch_not_tvm(llvm_library, monkeypatch, rows):
+    """With torch tensors the fp32 partials come from torch's allocator (a TVM allocation is a
+    cudaMalloc/cudaFree pair on CUDA, the free waiting for the device, in every backward);
+    the results, and the zero-row sum, stay right."""
+    torch = pytest.importorskip("torch")
+    x, gamma, beta = (torch.from_numpy(a) for a in _inputs(rows=rows))
+    y, mean, rstd = llvm_library.forward(x, gamma, beta)
+    dy = torch.randn_like(x)
+
+    def no_tvm_allocation(*args, **kwargs):
+        raise AssertionError("the torch path allocated through tvm.runtime.empty")
+
+    monkeypatch.setattr(lntune.runner.tvm.runtime, "empty", no_tvm_allocation)
+    dx, dgamma, dbeta = llvm_library.backward(dy, x, mean, rstd, gamma)
+    want = reference.backward(*(t.numpy() for t in (dy, x, mean, rstd, gamma)))
+    for got, expected in zip((dx, dgamma, dbeta), want, strict=True):
+        assert isinstance(got, torch.Tensor)
+        assert reference.rel_error(got.numpy(), expected) < reference.TOLERANCE["float32"]
+    if rows == 0:
+        assert not dgamma.any() and not dbeta.any()
