@@ -1,8 +1,9 @@
 """`lntune inspect`: what an exported library holds, per kernel.
 
 Always: op, hidden, dtype, P, where its schedule came from, and its knobs (from manifest.json).
-For a CUDA library holding source, when nvcc is on PATH: ptxas's registers, stack frame and spills per
-kernel (a stack frame means a register-cached row went to local memory).
+For a CUDA library: registers and stack frame per kernel (a stack frame means a register-cached row
+went to local memory), read from the cubin the library embeds (exported on a GPU host), or for a
+library holding CUDA source, from ptxas when nvcc is on PATH (which also gives the spills).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import struct
 import subprocess
 import tempfile
 from pathlib import Path
@@ -21,33 +23,28 @@ _PTXAS_USAGE = re.compile(r"Used (\d+) registers")
 _PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
+def compile_cubin(source: bytes, arch: str) -> tuple[bytes, str]:
+    """nvcc's cubin of CUDA source for `arch`, and ptxas's -v report."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cu, cubin = Path(tmp) / "kernels.cu", Path(tmp) / "k.cubin"
+        cu.write_bytes(source)
+        command = ["nvcc", f"-arch={arch}", "-cubin", "-o", str(cubin), str(cu), "-diag-suppress", "1444"]
+        out = subprocess.run([*command, "-Xptxas", "-v"], capture_output=True, text=True, check=False)
+        if out.returncode:
+            raise RuntimeError(f"nvcc failed on the library's CUDA source:\n{out.stderr[-2000:]}")
+        return cubin.read_bytes(), out.stderr
+
+
 def cuda_resources(source: bytes, arch: str) -> dict[str, dict[str, int]]:
     """kernel name -> registers, stack and spill bytes, as ptxas reports them for `arch`."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cu = Path(tmp) / "kernels.cu"
-        cu.write_bytes(source)
-        out = subprocess.run(
-            [
-                "nvcc",
-                f"-arch={arch}",
-                "-cubin",
-                "-o",
-                str(Path(tmp) / "k.cubin"),
-                str(cu),
-                "-diag-suppress",
-                "1444",
-                "-Xptxas",
-                "-v",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-    if out.returncode:
-        raise RuntimeError(f"nvcc failed on the library's CUDA source:\n{out.stderr[-2000:]}")
+    return ptxas_report(compile_cubin(source, arch)[1])
+
+
+def ptxas_report(report: str) -> dict[str, dict[str, int]]:
+    """kernel name -> registers, stack and spill bytes, from ptxas -v's output."""
     facts: dict[str, dict[str, int]] = {}
     current = None
-    for line in out.stderr.splitlines():
+    for line in report.splitlines():
         if m := _PTXAS_FUNCTION.search(line):
             current = m.group(1).removesuffix("_kernel")
             facts[current] = {}
@@ -70,13 +67,87 @@ def built_cuda_resources(lib, arch: str) -> dict[str, dict[str, int]] | None:
     return cuda_resources(source, arch)
 
 
-def stack_frame_bytes(lib, arch: str) -> int | None:
-    """The largest per-thread stack frame among a freshly built CUDA module's kernels (ptxas, for
-    `arch`); None without nvcc or without source to compile."""
-    resources = built_cuda_resources(lib, arch)
+def stack_frame_bytes(lib, arch: str, exported: bytes = b"") -> int | None:
+    """The largest per-thread stack frame among a freshly built CUDA module's kernels: from the cubin
+    its exported library (`exported`, the .so's bytes) embeds when there is one, so nothing is compiled
+    twice; else from ptxas for `arch` on its source; None without either."""
+    resources = embedded_cuda_resources(exported) or built_cuda_resources(lib, arch)
     if resources is None:
         return None
     return max((facts.get("stack", 0) for facts in resources.values()), default=0)
+
+
+# ELF facts of a cubin: machine EM_CUDA; the `.nv.info` section holds records (format byte, attribute
+# byte, then a value), and for each kernel EIATTR_REGCOUNT and EIATTR_FRAME_SIZE carry (symbol index,
+# value) pairs, the figures ptxas -v prints as "Used N registers" and "N bytes stack frame".
+_EM_CUDA = 190
+_EIFMT_SVAL, _EIFMT_HVAL = 4, 3
+_EIATTR = {0x2F: "registers", 0x11: "stack"}
+
+
+def embedded_cubins(blob: bytes) -> list[bytes]:
+    """Every CUDA ELF (cubin) inside `blob` (a shared library or a cubin), whole."""
+    found, start = [], blob.find(b"\x7fELF")
+    while start >= 0:
+        if len(blob) >= start + 64 and struct.unpack_from("<H", blob, start + 18)[0] == _EM_CUDA:
+            end = start + _elf_size(blob, start)
+            if end <= len(blob):
+                found.append(blob[start:end])
+        start = blob.find(b"\x7fELF", start + 4)
+    return found
+
+
+def _elf_size(blob: bytes, start: int) -> int:
+    """Bytes of the ELF64 at `start`: to the end of its header tables or its last section's data."""
+    phoff, shoff = struct.unpack_from("<QQ", blob, start + 0x20)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", blob, start + 0x36)
+    size = max(phoff + phentsize * phnum, shoff + shentsize * shnum)
+    if start + size > len(blob):
+        return size
+    for i in range(shnum):
+        kind, _flags, _addr, offset, length = struct.unpack_from("<IQQQQ", blob, start + shoff + i * shentsize + 4)
+        if kind != 8:  # SHT_NOBITS occupies no bytes in the file
+            size = max(size, offset + length)
+    return size
+
+
+def cubin_resources(cubin: bytes) -> dict[str, dict[str, int]]:
+    """kernel name -> registers and stack frame bytes, read from a cubin's `.nv.info`."""
+    (shoff,) = struct.unpack_from("<Q", cubin, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
+    names_at = sections[shstrndx][4]
+
+    def name(table_offset: int, offset: int) -> str:
+        return cubin[table_offset + offset : cubin.index(b"\0", table_offset + offset)].decode()
+
+    by_name = {name(names_at, s[0]): s for s in sections}
+    symtab = by_name[".symtab"]
+    strings_at = sections[symtab[6]][4]
+    symbols = [name(strings_at, struct.unpack_from("<I", cubin, symtab[4] + i * 24)[0]) for i in range(symtab[5] // 24)]
+    info = by_name[".nv.info"]
+    data, at, facts = cubin[info[4] : info[4] + info[5]], 0, {}
+    while at + 4 <= len(data):
+        form, attribute = data[at], data[at + 1]
+        if form == _EIFMT_SVAL:
+            (size,) = struct.unpack_from("<H", data, at + 2)
+            if attribute in _EIATTR and size == 8:
+                symbol, value = struct.unpack_from("<II", data, at + 4)
+                facts.setdefault(symbols[symbol].removesuffix("_kernel"), {})[_EIATTR[attribute]] = value
+            at += 4 + size
+        elif form == _EIFMT_HVAL:
+            at += 4
+        else:
+            raise ValueError(f"cubin .nv.info: unexpected record format {form} at {at}")
+    return facts
+
+
+def embedded_cuda_resources(blob: bytes) -> dict[str, dict[str, int]]:
+    """cubin_resources of every cubin inside `blob` together ({} when it holds none)."""
+    facts: dict[str, dict[str, int]] = {}
+    for cubin in embedded_cubins(blob):
+        facts.update(cubin_resources(cubin))
+    return facts
 
 
 def _cuda_source(blob: bytes) -> bytes | None:
@@ -96,9 +167,11 @@ def inspect_library(path: Path) -> str:
     if manifest["device"] == "rocm":
         return _rocm_table(directory, manifest)
     if manifest["device"] == "cuda":
-        source = _cuda_source((directory / LIBRARY).read_bytes())
+        blob = (directory / LIBRARY).read_bytes()
+        source = _cuda_source(blob)
         if source is None:
-            note = "(cubin inside: registers not shown; run cuobjdump --dump-resource-usage on the GPU host)"
+            resources = embedded_cuda_resources(blob)
+            note = "(registers and stack from the embedded cubin; spills not shown)"
         elif shutil.which("nvcc"):
             resources = cuda_resources(source, manifest["target_spec"].get("arch", "sm_90"))
         else:
@@ -110,7 +183,7 @@ def inspect_library(path: Path) -> str:
     for v in manifest["variants"]:
         r = resources.get(v["function"], {})
         regs, stack = r.get("registers", "-"), r.get("stack", "-")
-        spill = r.get("spill_stores", 0) + r.get("spill_loads", 0) if r else "-"
+        spill = r["spill_stores"] + r["spill_loads"] if "spill_stores" in r else "-"
         source = v["schedule"].split(":")[0]
         lines.append(f"{v['function']:<42} {regs:>4} {stack:>5} {spill:>5}  {source} {v['knobs']}")
     return "\n".join(lines)

@@ -122,10 +122,13 @@ def _build(job: tuple[Kernel, str, dict, str]) -> tuple[str, str]:
     target = get_target(target_name)
     try:
         lib = _library(kernel, target, knobs)
-        frame = stack_frame_bytes(lib, target.spec.get("arch", "sm_90")) if target.family == "cuda" else None
-        if frame is not None and frame > STACK_LIMIT:
-            return "", f"{frame}-byte stack frame a thread (local memory), over STACK_LIMIT = {STACK_LIMIT}"
         lib.export_library(path)
+        if target.family == "cuda":
+            # From the cubin the library embeds where one was built (a GPU host), else ptxas on the source.
+            frame = stack_frame_bytes(lib, target.spec.get("arch", "sm_90"), Path(path).read_bytes())
+            if frame is not None and frame > STACK_LIMIT:
+                os.remove(path)
+                return "", f"{frame}-byte stack frame a thread (local memory), over STACK_LIMIT = {STACK_LIMIT}"
     except Exception as err:  # noqa: BLE001 (a candidate that does not build is left out, with the reason)
         return "", (str(err).strip().splitlines() or ["?"])[-1][:200]
     return path, ""

@@ -3,6 +3,8 @@
 import json
 import re
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import tvm
@@ -89,3 +91,33 @@ def test_inspect_lists_every_kernel_with_its_resources(tmp_path, capsys):
     assert len(rows) == 4
     if shutil.which("nvcc"):
         assert all(line.split()[1].isdigit() and line.split()[2] == "0" for line in rows), out
+
+
+SPILLING_KERNEL = b"""
+extern "C" __global__ void spills(float* out, int n) {
+  float row[200];
+  for (int i = 0; i < 200; ++i) row[i] = out[i * n + threadIdx.x];
+  float sum = 0.0f;
+  for (int i = 0; i < 200; ++i) sum += row[(i * 7 + n) % 200];
+  out[threadIdx.x] = sum;
+}
+extern "C" __global__ void plain(float* out) { out[threadIdx.x] *= 2.0f; }
+"""
+
+
+def test_cubin_reader_finds_the_cubin_in_a_library_and_agrees_with_ptxas():
+    """A dynamically indexed row array goes to local memory: ptxas reports the frame, and the
+    cubin reader, looking past a host ELF as in an exported .so, reads the same registers and frame."""
+    if not shutil.which("nvcc"):
+        pytest.skip("needs nvcc")
+    from lntune.inspect import compile_cubin, cubin_resources, embedded_cubins, embedded_cuda_resources, ptxas_report
+
+    cubin, report = compile_cubin(SPILLING_KERNEL, "sm_90")
+    want = {name: {"registers": f["registers"], "stack": f["stack"]} for name, f in ptxas_report(report).items()}
+    assert want["spills"]["stack"] >= 800 and want["plain"]["stack"] == 0
+    assert cubin_resources(cubin) == want
+    host_elf = Path(sys.executable).resolve().read_bytes()[:4096]
+    library = host_elf + b"\0" * 13 + cubin + b"tail"
+    assert embedded_cubins(library) == [cubin]
+    assert embedded_cuda_resources(library) == want
+    assert embedded_cuda_resources(host_elf) == {}

@@ -255,7 +255,7 @@ def test_every_committed_cuda_backward_choice_keeps_its_rows_out_of_local_memory
     if not shutil.which("nvcc"):
         pytest.skip("needs nvcc for ptxas's report")
     from lntune.build import compile_module
-    from lntune.inspect import built_cuda_resources
+    from lntune.inspect import _cuda_source, compile_cubin, cubin_resources, ptxas_report
 
     target = get_target("cuda-sm90")
     mod = tvm.IRModule()
@@ -263,9 +263,14 @@ def test_every_committed_cuda_backward_choice_keeps_its_rows_out_of_local_memory
         for dtype in ("float32", "bfloat16", "float16"):
             kernel = next(k for k in kernels_for(n, dtype, target) if k.op == "backward")
             mod[kernel.name] = database.scheduled(kernel, target, database.choose(kernel, target).knobs)
-    resources = built_cuda_resources(compile_module(mod, target), "sm_90")
+    source = _cuda_source(compile_module(mod, target).mod.imports[0].inspect_source().encode())
+    cubin, report = compile_cubin(source, "sm_90")
+    resources = ptxas_report(report)
     frames = {name: facts["stack"] for name, facts in resources.items()}
     assert len(frames) == 21 and max(frames.values()) <= sel.STACK_LIMIT, frames
+    # The cubin reader select uses on a GPU host (no second compile) gives ptxas's figures.
+    read = cubin_resources(cubin)
+    assert read == {name: {"registers": f["registers"], "stack": f["stack"]} for name, f in resources.items()}
 
 
 def test_select_on_the_cpu_times_the_previous_choice_and_writes_the_verdict(tmp_path, monkeypatch):
