@@ -71,7 +71,7 @@ def stack_frame_bytes(lib, arch: str, exported: bytes = b"") -> int | None:
     """The largest per-thread stack frame among a freshly built CUDA module's kernels: from the cubin
     its exported library (`exported`, the .so's bytes) embeds when there is one, so nothing is compiled
     twice; else from ptxas for `arch` on its source; None without either."""
-    resources = embedded_cuda_resources(exported) or built_cuda_resources(lib, arch)
+    resources = _complete(embedded_cuda_resources, exported) or built_cuda_resources(lib, arch)
     if resources is None:
         return None
     return max((facts.get("stack", 0) for facts in resources.values()), default=0)
@@ -142,6 +142,16 @@ def cubin_resources(cubin: bytes) -> dict[str, dict[str, int]]:
     return facts
 
 
+def _complete(read, blob: bytes) -> dict[str, dict[str, int]]:
+    """`read(blob)` if it gives every kernel's registers and frame, else {}: a cubin this reader does
+    not understand sends the caller back to ptxas rather than past its stack check."""
+    try:
+        facts = read(blob)
+    except (ValueError, KeyError, IndexError, struct.error):
+        return {}
+    return facts if all({"registers", "stack"} <= set(f) for f in facts.values()) else {}
+
+
 def embedded_cuda_resources(blob: bytes) -> dict[str, dict[str, int]]:
     """cubin_resources of every cubin inside `blob` together ({} when it holds none)."""
     facts: dict[str, dict[str, int]] = {}
@@ -170,8 +180,8 @@ def inspect_library(path: Path) -> str:
         blob = (directory / LIBRARY).read_bytes()
         source = _cuda_source(blob)
         if source is None:
-            resources = embedded_cuda_resources(blob)
-            note = "(registers and stack from the embedded cubin; spills not shown)"
+            resources = _complete(embedded_cuda_resources, blob)
+            note = "(registers and stack from the embedded cubin; spills not shown)" if resources else "(cubin unread)"
         elif shutil.which("nvcc"):
             resources = cuda_resources(source, manifest["target_spec"].get("arch", "sm_90"))
         else:

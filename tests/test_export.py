@@ -121,3 +121,21 @@ def test_cubin_reader_finds_the_cubin_in_a_library_and_agrees_with_ptxas():
     assert embedded_cubins(library) == [cubin]
     assert embedded_cuda_resources(library) == want
     assert embedded_cuda_resources(host_elf) == {}
+
+
+def test_stack_check_falls_back_to_ptxas_when_the_embedded_cubin_is_unreadable(monkeypatch):
+    """A cubin whose .nv.info this reader cannot parse, or that lacks a kernel's frame, must not pass
+    the stack check by default: the facts then come from ptxas on the module's source."""
+    from lntune import inspect
+
+    monkeypatch.setattr(inspect, "built_cuda_resources", lambda lib, arch: {"k": {"registers": 9, "stack": 4096}})
+    monkeypatch.setattr(inspect, "embedded_cuda_resources", lambda blob: {"k": {"registers": 9}})
+    assert inspect.stack_frame_bytes(None, "sm_90", b"library") == 4096
+
+    def unreadable(blob):
+        raise ValueError("cubin .nv.info: unexpected record format 7 at 12")
+
+    monkeypatch.setattr(inspect, "embedded_cuda_resources", unreadable)
+    assert inspect.stack_frame_bytes(None, "sm_90", b"library") == 4096
+    monkeypatch.setattr(inspect, "embedded_cuda_resources", lambda blob: {"k": {"registers": 9, "stack": 16}})
+    assert inspect.stack_frame_bytes(None, "sm_90", b"library") == 16
