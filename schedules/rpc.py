@@ -9,6 +9,7 @@ tuning job spreads its measurements over all of them.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import socket
 import subprocess
@@ -72,6 +73,8 @@ def local_rpc(
     Each server logs to log_dir/rpc_server_<i>.log, where "load_module" lines count its measurements.
     """
     forked_sessions = gpus is None if forked_sessions is None else forked_sessions
+    if importlib.util.find_spec("tornado") is None:
+        raise RuntimeError("TVM's RPC tracker needs the tornado package, which is not installed: pip install tornado")
     log_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     processes = []

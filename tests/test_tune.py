@@ -4,6 +4,7 @@ its database, resumes from it, and export then uses the tuned record."""
 import json
 
 import numpy as np
+import pytest
 
 from lntune.build import export
 from schedules import database
@@ -118,3 +119,16 @@ def test_a_spawning_rpc_server_loads_and_runs_a_module_and_logs_it(tmp_path):
         module[kernel.name](tvm.runtime.tensor(x, dev), 1e-5, mean, rstd)
         np.testing.assert_allclose(mean.numpy(), x.mean(axis=1), rtol=1e-5)
     assert rpc.measurements_per_server(tmp_path / "rpc") == [1]
+
+
+def test_local_rpc_without_tornado_says_what_to_install(tmp_path, monkeypatch):
+    """TVM's tracker imports tornado; without it the tracker process dies at once, so say so first."""
+    import importlib.util
+
+    from schedules import rpc
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tornado" else real(name, *a))
+    with pytest.raises(RuntimeError, match="pip install tornado"), rpc.local_rpc(1, "k", tmp_path):
+        pass
+    assert not (tmp_path / "rpc_tracker.log").exists()
