@@ -1,6 +1,7 @@
 #!/bin/bash
 # GPU-host job: export the cuda-sm90 library there (cubin), check every kernel against the float64
-# reference, load it with the runtime-only TVM on torch tensors, then benchmark. Results go to $OUT.
+# reference, load it with the runtime-only TVM on torch tensors, check lntune.torch's forward and
+# gradients (bench/torch_check.py), then benchmark. Results go to $OUT.
 # Run after `. .devbundle/b/env.sh` (a fresh host) or `. /tmp/tvm_site/env.sh` (a warm one).
 #   usage: bash bench/gpu_job.sh [export|bench ARGS...|reliability]
 #     export            export + check + runtime-only load into $LIB
@@ -37,6 +38,8 @@ ref = torch.nn.functional.layer_norm(x.double(), (n,))
 print(f"runtime-only load+forward+backward ok on {y.device}: N={n} {dt} max|y-ref|={float((y.double()-ref).abs().max()):.2e} "
       f"({time.time() - t0:.1f}s incl. import)")
 PY
+  # lntune.torch's autograd path on CUDA (side stream) against float64, also runtime-only.
+  TVM_USE_RUNTIME_LIB=1 python3 bench/torch_check.py "$LIB" 2>&1 | grep -v Warning | tee -a "$OUT/check.txt"
 }
 
 case "${1:-export}" in
