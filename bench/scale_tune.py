@@ -30,7 +30,7 @@ def run(out: Path, hidden: str, dtypes: str, ops: str, trials: int, gpus: str) -
     from schedules.targets import get_target
 
     log_dir = Path("/tmp/lntune-scale") / f"gpus-{gpus.replace(',', '_')}"
-    subprocess.run(["rm", "-rf", str(log_dir)], check=True)
+    shutil.rmtree(log_dir, ignore_errors=True)
     command = [sys.executable, "-m", "lntune", "tune", "--target", TARGET, "--hidden", hidden]
     command += ["--dtype", dtypes, "--ops", ops, "--trials", str(trials), "--log-dir", str(log_dir)]
     # On the CPU (a dry run of this script) the "GPUs" are that many loopback servers.

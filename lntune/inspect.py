@@ -58,10 +58,15 @@ def ptxas_report(report: str) -> dict[str, dict[str, int]]:
 _NOT_SOURCE = re.compile(rb"[^\t\n\r\x20-\x7e]")
 
 
+def built_cuda_source(lib) -> bytes | None:
+    """The CUDA source of a freshly built CUDA module (tvm.compile's result), None without one."""
+    return _cuda_source(lib.mod.imports[0].inspect_source().encode())
+
+
 def built_cuda_resources(lib, arch: str) -> dict[str, dict[str, int]] | None:
     """cuda_resources of a freshly built CUDA module (tvm.compile's result); None without nvcc or
     without source to compile."""
-    source = _cuda_source(lib.mod.imports[0].inspect_source().encode())
+    source = built_cuda_source(lib)
     if source is None or not shutil.which("nvcc"):
         return None
     return cuda_resources(source, arch)
@@ -71,7 +76,7 @@ def stack_frame_bytes(lib, arch: str, exported: bytes = b"") -> int | None:
     """The largest per-thread stack frame among a freshly built CUDA module's kernels: from the cubin
     its exported library (`exported`, the .so's bytes) embeds when there is one, so nothing is compiled
     twice; else from ptxas for `arch` on its source; None without either."""
-    resources = _complete(embedded_cuda_resources, exported) or built_cuda_resources(lib, arch)
+    resources = _readable_embedded_resources(exported) or built_cuda_resources(lib, arch)
     if resources is None:
         return None
     return max((facts.get("stack", 0) for facts in resources.values()), default=0)
@@ -142,11 +147,11 @@ def cubin_resources(cubin: bytes) -> dict[str, dict[str, int]]:
     return facts
 
 
-def _complete(read, blob: bytes) -> dict[str, dict[str, int]]:
-    """`read(blob)` if it gives every kernel's registers and frame, else {}: a cubin this reader does
-    not understand sends the caller back to ptxas rather than past its stack check."""
+def _readable_embedded_resources(blob: bytes) -> dict[str, dict[str, int]]:
+    """embedded_cuda_resources if it gives every kernel's registers and frame, else {}: a cubin this
+    reader does not understand sends the caller back to ptxas rather than past its stack check."""
     try:
-        facts = read(blob)
+        facts = embedded_cuda_resources(blob)
     except (ValueError, KeyError, IndexError, struct.error):
         return {}
     return facts if all({"registers", "stack"} <= set(f) for f in facts.values()) else {}
@@ -180,7 +185,7 @@ def inspect_library(path: Path) -> str:
         blob = (directory / LIBRARY).read_bytes()
         source = _cuda_source(blob)
         if source is None:
-            resources = _complete(embedded_cuda_resources, blob)
+            resources = _readable_embedded_resources(blob)
             note = "(registers and stack from the embedded cubin; spills not shown)" if resources else "(cubin unread)"
         elif shutil.which("nvcc"):
             resources = cuda_resources(source, manifest["target_spec"].get("arch", "sm_90"))

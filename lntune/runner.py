@@ -216,7 +216,10 @@ class Library:
                 self._function("backward", hidden, info.dtype)(*args, dx, *parts)
             else:  # no rows: the sum still runs, over P rows of zeros
                 for p in parts:
-                    p.zero_() if kind.is_torch else p.copyfrom(np.zeros((count, hidden), STATS_DTYPE))
+                    if kind.is_torch:
+                        p.zero_()
+                    else:
+                        p.copyfrom(np.zeros((count, hidden), STATS_DTYPE))
             self._function("backward_sum", hidden, info.dtype)(*parts, dgamma, dbeta)
         return tuple(self._back(kind, t) for t in (dx, dgamma, dbeta))
 

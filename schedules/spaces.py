@@ -569,10 +569,9 @@ def _backward_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[d
         staged = [{**k, "stage_rows": stage} for k in cached]
         found += staged + _occupied(kernel, staged)
     for depth in PREFETCH[1:]:
-        ahead = [{**k, "prefetch": depth} for k in cached if not k["shared_acc"]]
-        ahead = [k for k in ahead if shared_bytes_needed(kernel, k) <= target.dynamic_shared_bytes]
+        ahead = _prefetchable(kernel, target, [{**k, "prefetch": depth} for k in cached])
         found += ahead + _occupied(kernel, ahead)
-        # Per-row scalars on every unstaged variant so far: added to the choices of the day they won
+    # Per-row scalars on every unstaged variant so far: added to the choices of the day they won
     # 7 of 21 kernels by 2-3 % and tied 8; they lost 1-4 % at four and 7 % and 46 % beside staged
     # rows (select-rowscalars, bench/NOTES.md).
     found += [{**k, "row_scalars": 1} for k in found if not k["stage_rows"]]
@@ -583,11 +582,10 @@ def _backward_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[d
         both = [
             {**k, "stage_rows": stage, "prefetch": depth, "row_scalars": scalars}
             for k in cached
-            if not k["shared_acc"]
             for stage in STAGE_ROWS[1:]
             for scalars in (0, 1)
         ]
-        both = [k for k in both if shared_bytes_needed(kernel, k) <= target.dynamic_shared_bytes]
+        both = _prefetchable(kernel, target, both)
         found += both + _occupied(kernel, both)
     unique = [base]
     for knobs in found:
@@ -633,6 +631,12 @@ def _occupancies(kernel: Kernel, knobs: dict) -> list[int]:
         return []
     need = registers_needed(kernel, knobs)
     return [t for t in THREADS_PER_SM[1:] if knobs["threads"] <= t and need * t <= REGISTERS_PER_SM]
+
+
+def _prefetchable(kernel: Kernel, target: TargetInfo, group: list[dict]) -> list[dict[str, int]]:
+    """Those of `group` a prefetching backward can build: no shared accumulators (see
+    one_pass_backward) and the rows in flight within the block's dynamic shared memory."""
+    return [k for k in group if not k["shared_acc"] and shared_bytes_needed(kernel, k) <= target.dynamic_shared_bytes]
 
 
 def _occupied(kernel: Kernel, group: list[dict]) -> list[dict[str, int]]:

@@ -255,7 +255,7 @@ def test_every_committed_cuda_backward_choice_keeps_its_rows_out_of_local_memory
     if not shutil.which("nvcc"):
         pytest.skip("needs nvcc for ptxas's report")
     from lntune.build import compile_module
-    from lntune.inspect import _cuda_source, compile_cubin, cubin_resources, ptxas_report
+    from lntune.inspect import built_cuda_source, compile_cubin, cubin_resources, ptxas_report
 
     target = get_target("cuda-sm90")
     mod = tvm.IRModule()
@@ -263,7 +263,7 @@ def test_every_committed_cuda_backward_choice_keeps_its_rows_out_of_local_memory
         for dtype in ("float32", "bfloat16", "float16"):
             kernel = next(k for k in kernels_for(n, dtype, target) if k.op == "backward")
             mod[kernel.name] = database.scheduled(kernel, target, database.choose(kernel, target).knobs)
-    source = _cuda_source(compile_module(mod, target).mod.imports[0].inspect_source().encode())
+    source = built_cuda_source(compile_module(mod, target))
     cubin, report = compile_cubin(source, "sm_90")
     resources = ptxas_report(report)
     frames = {name: facts["stack"] for name, facts in resources.items()}
