@@ -6,8 +6,9 @@ some structure out (rows per step, who unrolls), so this times, on the device an
 the exported form of the baseline, the tuned record and (backward on CUDA) a few structural
 variants around them (schedules.spaces.variants). A CUDA candidate whose ptxas report shows a
 stack frame past STACK_LIMIT is left out. Every candidate is first run on poisoned outputs and
-compared with the baseline's results. Candidates within TIE of the fastest are timed again at
-SMALL_ROWS rows, where the fastest of them wins. The winner per kernel goes to
+compared with the baseline's results (today's choice's, where the baseline does not build).
+Candidates within TIE of the fastest are timed again at SMALL_ROWS rows, where the fastest of them
+wins. The winner per kernel goes to
 tuning_logs/<target>/selection.json, which `schedules.database.choose` obeys.
 """
 
@@ -32,7 +33,7 @@ from schedules.targets import TargetInfo, get_target
 from te_ops.layer_norm import OPS, Kernel
 
 SELECTION = "selection.json"
-# Relative-norm distance from the baseline's outputs that a candidate may have (summation order only).
+# Relative-norm distance from the reference's outputs that a candidate may have (summation order only).
 AGREEMENT = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 # Bytes a thread of stack frame (local memory: a row cache ptxas could not keep in registers) past
 # which a CUDA candidate is left out. The driver reserves the frame for every thread that can be
@@ -107,6 +108,9 @@ def candidates(
         found = {
             label: knobs for label, knobs in found.items() if label == "baseline" or knobs == selected or focused(knobs)
         }
+        # Today's choice is always timed beside them, so the verdict can keep it.
+        if selected and selected not in found.values():
+            found["selected"] = selected
         # Today's choice with the focused values, when the variants (built around the tuned record)
         # lack it and the values are ones its space offers.
         values = {n: int(v) for n, v in wanted.items() if v}
@@ -171,7 +175,7 @@ def _run_once(module, name: str, args: list, outputs: list[int]) -> list[np.ndar
 
 
 def _measure(kernel: Kernel, paths: dict[str, str], rows: int, device, rng, log) -> dict[str, float]:
-    """label -> median us of every candidate that agrees with the baseline (the baseline first)."""
+    """label -> median us of every candidate that agrees with the first one (the reference)."""
     args = device_arguments(kernel, rows, device, rng)
     names = [p.name for p in kernel.prim_func().params]
     outputs = [names.index(name) for name in output_names(kernel)]
@@ -189,7 +193,7 @@ def _measure(kernel: Kernel, paths: dict[str, str], rows: int, device, rng, log)
             reference = results
         distance = max(_relative_distance(g, w) for g, w in zip(results, reference, strict=True))
         if not distance <= AGREEMENT[kernel.dtype]:
-            log(f"{kernel.name} {label}: left out, outputs differ from the baseline's by {distance:.2e}")
+            log(f"{kernel.name} {label}: left out, outputs differ from the reference's by {distance:.2e}")
             continue
         times[label] = _median_us(module, kernel.name, args, device)
     return times
@@ -216,17 +220,20 @@ def time_plan(
 ) -> Iterator[Timed]:
     """Build every candidate of `plan` (kernel -> label -> knobs) in parallel, then time each kernel's
     at M = elements / N rows, and with `small_rows` those within TIE of the fastest again at that M.
-    The first label of a kernel is the reference the others must agree with; a kernel whose
-    reference did not build is skipped."""
+    The first label of a kernel that built is the reference the others must agree with (select
+    puts the baseline first and today's choice second: a baseline with a stack frame over
+    STACK_LIMIT is correct, but is left out like any other candidate)."""
     device, rng = target.device(), np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="lntune-select-") as scratch:
         built = _build_all(target, plan, scratch, log)
         for kernel, labelled in plan.items():
             paths = {label: built[kernel, label] for label in labelled if (kernel, label) in built}
-            reference = next(iter(labelled))
-            if reference not in paths:
-                log(f"{kernel.name}: {reference} did not build; not timed")
+            if not paths:
+                log(f"{kernel.name}: no candidate built; not timed")
                 continue
+            first = next(iter(labelled))
+            if first not in paths:
+                log(f"{kernel.name}: {first} did not build; {next(iter(paths))} is the reference")
             rows = max(1, elements // kernel.hidden)
             timed = Timed(kernel, rows, _measure(kernel, paths, rows, device, rng, log))
             close = tied(timed.us)
@@ -268,16 +275,19 @@ def select(
                 selected = database.choose(kernel, target, records, selection).knobs
                 labelled, sources[kernel] = candidates(kernel, target, records, focus, selected if focus else None)
                 if len(labelled) > 1:
-                    plan[kernel] = labelled
                     previous[kernel] = next((label for label, knobs in labelled.items() if knobs == selected), None)
+                    # Today's choice second: the reference when the baseline does not build (time_plan).
+                    order = ["baseline", previous[kernel]]
+                    plan[kernel] = {k: labelled[k] for k in order if k in labelled} | labelled
     for timed in time_plan(target, plan, elements, log, small_rows=SMALL_ROWS):
         kernel, times = timed.kernel, timed.us
         selection[kernel.name] = best = verdict(plan[kernel], timed, sources[kernel])
         small = f", {len(timed.small_us)} again at M={timed.small_rows}" if timed.small_us else ""
         before = previous[kernel]
         before = f"  previous {before} {times[before]:8.1f} us" if before in times else "  previous not timed"
+        baseline = f"{times['baseline']:8.1f} us" if "baseline" in times else "not built"
         log(
-            f"{kernel.name:<44} M={timed.rows:<7} baseline {times['baseline']:8.1f} us{before}  "
+            f"{kernel.name:<44} M={timed.rows:<7} baseline {baseline}{before}  "
             f"-> {best['label']} {times[best['label']]:8.1f} us  ({len(times)} timed{small})"
         )
         path.write_text(json.dumps(selection, indent=1, sort_keys=True) + "\n")  # kept if a later one fails

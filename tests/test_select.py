@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -150,22 +151,35 @@ def test_a_selected_backward_variant_is_exported_and_correct(tmp_path, dtype, ch
         assert not bad, [(r.op, r.output, r.error) for r in bad]
 
 
-def test_time_plan_times_every_built_candidate_and_skips_a_kernel_without_its_reference(monkeypatch):
+def test_time_plan_takes_the_next_built_candidate_as_reference_and_skips_a_kernel_with_none(monkeypatch):
+    """A baseline left out (say for its stack frame) hands the reference to the next candidate
+    that built (select puts today's choice there); a kernel with nothing built is not timed."""
     target = get_target("llvm")
     kernel = _cpu_backward()
     base = database.baseline_knobs(kernel, target)
     unbuilt = Kernel("backward", 48, "float32", 16)
-    plan = {kernel: {"baseline": base, "two_rows": {**base, "rows_per_step": 2}}, unbuilt: {"baseline": base}}
+    two_rows = {**base, "rows_per_step": 2}
+    no_baseline = replace(kernel, parts=8)
+    plan = {
+        kernel: {"baseline": base, "two_rows": two_rows},
+        unbuilt: {"baseline": base},
+        no_baseline: {"baseline": base, "two_rows": two_rows},
+    }
     build_all = sel._build_all
 
-    def without_unbuilt(target, plan, folder, log):
-        return {key: path for key, path in build_all(target, plan, folder, log).items() if key[0] != unbuilt}
+    def without_some(target, plan, folder, log):
+        built = build_all(target, plan, folder, log)
+        return {key: path for key, path in built.items() if key[0] != unbuilt and key != (no_baseline, "baseline")}
 
-    monkeypatch.setattr(sel, "_build_all", without_unbuilt)
+    monkeypatch.setattr(sel, "_build_all", without_some)
     notes = []
     timed = list(sel.time_plan(target, plan, elements=64 * 37, log=notes.append))
-    assert [(t.kernel, t.rows, sorted(t.us), t.small_us) for t in timed] == [(kernel, 37, ["baseline", "two_rows"], {})]
-    assert any(unbuilt.name in note and "baseline did not build" in note for note in notes)
+    assert [(t.kernel, t.rows, sorted(t.us), t.small_us) for t in timed] == [
+        (kernel, 37, ["baseline", "two_rows"], {}),
+        (no_baseline, 37, ["two_rows"], {}),
+    ]
+    assert any(unbuilt.name in note and "no candidate built" in note for note in notes)
+    assert any(no_baseline.name in note and "two_rows is the reference" in note for note in notes)
 
 
 def test_time_plan_times_only_the_tied_candidates_again_at_small_m(monkeypatch):
@@ -236,15 +250,16 @@ def test_focus_with_a_value_also_times_todays_choice_set_to_it():
 
 
 def test_focus_on_several_knobs_keeps_the_variants_setting_all_of_them():
-    """stage_rows=2,prefetch=1: only candidates with both (staged rows prefetched), and today's choice
-    with both set."""
+    """stage_rows=2,prefetch=1: only candidates with both (staged rows prefetched), today's choice
+    with both set, and today's choice itself (which no variant is), so the verdict can keep it."""
     target = get_target("cuda-sm90")
     kernel = Kernel("backward", 8192, "bfloat16", 132)
     everything, _ = sel.candidates(kernel, target, records={})
     today = {**next(k for k in everything.values() if not k["stage_rows"] and not k["prefetch"]), "unroll": 16}
     both, _ = sel.candidates(kernel, target, {}, focus="stage_rows=2,prefetch=1", selected=today)
-    focused = [k for label, k in both.items() if label not in ("baseline",)]
-    assert len(focused) > 10 and today not in focused
+    assert both["selected"] == today and today not in everything.values()
+    focused = [k for label, k in both.items() if label not in ("baseline", "selected")]
+    assert len(focused) > 10
     assert all(k["stage_rows"] == 2 and k["prefetch"] == 1 for k in focused)
     assert both["selected+stage_rows=2,prefetch=1"] == {**today, "stage_rows": 2, "prefetch": 1}
 
