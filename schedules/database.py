@@ -16,7 +16,7 @@ from pathlib import Path
 import tvm
 import tvm_ffi
 
-from schedules import spaces
+from schedules import cluster, spaces
 from schedules.knobs import IMPLICIT_UNROLL_KEY, Fixed, Recorder
 from schedules.targets import TargetInfo
 from te_ops.layer_norm import Kernel
@@ -323,4 +323,6 @@ def scheduled(kernel: Kernel, target: TargetInfo, knobs: dict) -> tvm.tirx.PrimF
     sch = tvm.s_tir.Schedule(kernel.prim_func())
     fixed = Fixed(knobs)
     spaces.apply(sch, kernel, target, fixed)
-    return spaces.with_launch_bounds(sch.mod["main"]).with_attr("global_symbol", kernel.name)
+    # The exchange first: it rewrites loops and blocks, which launch bounds wrap in an attribute.
+    func = spaces.with_launch_bounds(cluster.with_cluster_exchange(sch.mod["main"]))
+    return func.with_attr("global_symbol", kernel.name)

@@ -12,12 +12,14 @@ baseline or a replayed tuned record. Python never branches on a knob's value, so
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 
 from tvm import s_tir
 from tvm.tirx import AttrStmt, For, ForKind, IntImm, PrimFunc, SeqStmt
 
+from schedules import cluster
 from schedules.knobs import Recorder, annotate_unroll
 from schedules.targets import TargetInfo
 from te_ops.layer_norm import BACKWARD_STAGES, ROW_GRANULE, Kernel
@@ -36,6 +38,8 @@ THREADS_PER_SM = (0, 1024, 1536, 2048)
 MIN_BLOCKS_KEY = "lntune.min_blocks_per_sm"
 REGISTERS_PER_SM = 65536  # every CUDA GPU since sm_50
 CPU_VECTOR_BYTES = 32
+CLUSTER = (0, cluster.SIZE)  # blocks a backward row is split over (0: one block, no cluster)
+CLUSTER_MIN_HIDDEN = 8192  # where a row's half still gives each block a long row
 
 
 def vector_width(kernel: Kernel, target: TargetInfo) -> int:
@@ -59,6 +63,12 @@ def thread_candidates(kernel: Kernel, target: TargetInfo, max_per_thread: int = 
         d for d in (warp_multiples or divisors[-1:]) if units // d * vector_width(kernel, target) <= max_per_thread
     ]
     return fitting or [max(warp_multiples or divisors)]
+
+
+def clusterable(kernel: Kernel, target: TargetInfo) -> bool:
+    """A backward whose rows may split over a 2-block cluster: sm_90+, long rows, even vectors."""
+    halves = kernel.hidden % (cluster.SIZE * vector_width(kernel, target)) == 0
+    return target.has_clusters and kernel.hidden >= CLUSTER_MIN_HIDDEN and halves
 
 
 def rows_per_block_candidates(target: TargetInfo) -> tuple[int, ...]:
@@ -244,6 +254,10 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     thread. Inlined, every element re-reads the allreduce's result, which TVM declares volatile
     shared memory, so nvcc can neither keep it in a register nor share the scaling: two shared
     loads and two multiplies an element (54 of 884 PTX instructions, bfloat16 N = 4096).
+    `cluster` (2; CUDA sm_90+) splits every row's columns over the two blocks of a thread-block
+    cluster (schedules.cluster): each block caches, reduces, writes dx and accumulates partials for
+    its half, and the row sums meet through distributed shared memory. At N = 16384 a whole row
+    and its accumulators overflow one block's registers (0.54 of copy bandwidth in 16-bit).
     """
     gpu = target.is_gpu
     vec = vector_width(kernel, target)
@@ -255,9 +269,13 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     explicit_unroll = knobs.structural(sch, "explicit_unroll", (1, 0))
     shared_acc = knobs.structural(sch, "shared_acc", (0, 1) if target.family == "cuda" else (0,))
     threads_per_sm = knobs.structural(sch, "threads_per_sm", THREADS_PER_SM if target.family == "cuda" else (0,))
+    # Never sampled by tuning (structures() leaves it 0): records from before it replay unchanged.
+    split = knobs.structural(sch, "cluster", CLUSTER if clusterable(kernel, target) else (0,))
+    per_block = dataclasses.replace(kernel, hidden=kernel.hidden // split) if split else kernel
     threads = 1
     if gpu:
-        threads = knobs.pick(sch, "threads", thread_candidates(kernel, target, max_per_thread=32 if cache_rows else 64))
+        cands = thread_candidates(per_block, target, max_per_thread=32 if cache_rows else 64)
+        threads = knobs.pick(sch, "threads", cands)
     # Not on ROCm yet: its ISA with staged rows is unchecked. CPUs have it so tests can check it.
     staged = knobs.structural(sch, "stage_rows", STAGE_ROWS if target.family != "rocm" and cache_rows else (0,))
     # Not with shared accumulators: their updates under the row predicate then need barriers TVM
@@ -269,19 +287,36 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     kept += ("crow",) if row_scalars else ()
     inline_stages(sch, keep=kept)
     dx_write_back = _row_write_back(sch, "dx", vec, gpu)
-    # Rows split as [chunk, step, granule], the granule matching te_ops' chunk rounding exactly.
-    row_nests = [sch.split(sch.get_loops(sch.get_sblock(b))[0], [kernel.parts, None, ROW_GRANULE]) for b in ("c", "dx")]
+    # The row sums' per-block half (the cluster's rank is its first spatial loop after rfactor).
+    reduce = cluster.split_reduction(sch, "c") if split else sch.get_sblock("c")
+    # Rows split as [chunk, step, granule], the granule matching te_ops' chunk rounding exactly;
+    # with a cluster, [chunk, rank, step, granule], the rank a half of the columns.
+    row_nests = []
+    for block in (reduce, sch.get_sblock("dx")):
+        loops = sch.get_loops(block)
+        rows = sch.split(loops[0], [kernel.parts, None, ROW_GRANULE])
+        if split:
+            rank = loops[1] if block == reduce else sch.split(loops[1], [split, None])[0]
+            rows = (rows[0], rank, *rows[1:])
+            sch.reorder(*rows)
+        row_nests.append(rows)
     accumulators, write_backs = [], []
     for name in ("dgamma_part", "dbeta_part"):
         # The original block now accumulates in registers; the returned one writes them back.
         write_backs.append(sch.cache_write(sch.get_sblock(name), 0, "shared.dyn" if shared_acc else "local"))
         acc = sch.get_sblock(name)
         p, j, r = sch.get_loops(acc)
-        sch.reorder(p, r, j)
-        row_nests.append((p, *sch.split(r, [None, ROW_GRANULE])))
+        ranks = ()
+        if split:
+            rank, j = sch.split(j, [split, None])
+            ranks = (rank,)
+        sch.reorder(p, *ranks, r, j)
+        row_nests.append((p, *ranks, *sch.split(r, [None, ROW_GRANULE])))
         accumulators.append(acc)
     # compute_at cannot line these up (the partials do not consume dx), so merge the nests' loops.
-    chunk, step, row = (sch.merge(*[n[level] for n in row_nests]) for level in range(3))
+    merged = [sch.merge(*[n[level] for n in row_nests]) for level in range(len(row_nests[0]))]
+    chunk, step, row = merged[0], merged[-2], merged[-1]
+    outer = merged[1] if split else chunk  # what a block covers: its chunk of rows (and its half)
     if rows_per_step == 1 and prefetch:
         # A loop of one row inside the step: the pipelined step's body then lists the copies and
         # this loop, which cross-thread reduction lowering leaves one statement.
@@ -296,18 +331,22 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
         sch.unroll(row)
         sch.annotate(row, "pragma_unroll_explicit", 0)
     for write_back in write_backs:
-        sch.reverse_compute_at(write_back, chunk)
+        sch.reverse_compute_at(write_back, outer)
     for index in (0, 1):  # c1, c2
         sch.set_scope(sch.get_sblock("c"), index, "local")
+        if split:
+            sch.set_scope(reduce, index, "local")
     if row_scalars:
         crow = sch.get_sblock("crow")
         sch.compute_at(crow, row)
         sch.set_scope(crow, 0, "local")
         sch.unroll(sch.get_loops(crow)[-1])
+    if split:  # after its consumers: the block that adds the halves, the cluster exchange later
+        sch.compute_at(sch.get_sblock("c"), row)
     dx = sch.get_sblock("dx")
     readers = {"x": sch.get_sblock("xhat"), "dy": sch.get_sblock("dyf")} if staged else {"x": dx, "dy": dx}
     for name in (n for n in ("xhat", "dyg", "dyf", "gammaf") if n in kept):  # consumers before producers
-        sch.compute_at(sch.get_sblock(name), chunk if name == "gammaf" else row)
+        sch.compute_at(sch.get_sblock(name), outer if name == "gammaf" else row)
         sch.set_scope(sch.get_sblock(name), 0, "local")
     caches = []
     # Every reader of x, dy and gamma shares its cache, so no consumer_blocks: trace simplification
@@ -331,9 +370,12 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     if cache_gamma and "gammaf" not in kept:
         reader = sch.get_sblock("dyg") if "dyg" in kept else dx
         gamma = sch.cache_read(reader, _read_index(sch, reader, "gamma"), "local")
-        sch.compute_at(gamma, chunk)
+        sch.compute_at(gamma, outer)
         caches.append(gamma)
-    if gpu:
+    if split:
+        sch.bind(chunk, "blockIdx.y")
+        sch.bind(outer, cluster.RANK_AXIS)
+    elif gpu:
         sch.bind(chunk, "blockIdx.x")
     else:
         sch.parallel(chunk)
@@ -349,12 +391,12 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     _store_row(sch, "dx", row, threads, vec, write_back=dx_write_back, **spread)
     for block in accumulators:
         _spread_row(sch, block, threads, vec, vectorize=True, lanes=4, **spread)
-    _spread_row(sch, sch.get_sblock("c"), threads, vec, vectorize=False, **spread)
+    _spread_row(sch, reduce, threads, vec, vectorize=False, **spread)
     for write_back in write_backs:
         _spread_row(sch, write_back, threads, vec, vectorize=True, lanes=4, **spread)
     # Decompose last: binding a loop of a decomposed reduction fails ("compact dataflow").
     for acc in accumulators:
-        sch.decompose_reduction(acc, sch.get_loops(acc)[1])
+        sch.decompose_reduction(acc, sch.get_loops(acc)[len(merged) - 2])  # at the step loop
     if gpu:
         _unroll(sch, chunk, knobs, explicit=bool(explicit_unroll))
     if needs_unbound_pair(kernel, target):
@@ -534,6 +576,7 @@ def default_knobs(kernel: Kernel, target: TargetInfo) -> dict[str, int]:
         "stage_rows": 0,
         "row_scalars": 0,
         "prefetch": 0,
+        "cluster": 0,
         "threads": threads,
         "unroll": 64,
     }
@@ -587,11 +630,50 @@ def _backward_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[d
         ]
         both = _prefetchable(kernel, target, both)
         found += both + _occupied(kernel, both)
+    found += _cluster_variants(kernel, target, rule)
     unique = [base]
     for knobs in found:
         if knobs not in unique:
             unique.append(knobs)
     return unique[1:]
+
+
+def _cluster_variants(kernel: Kernel, target: TargetInfo, rule: dict) -> list[dict[str, int]]:
+    """Rows split over a 2-block cluster (one_pass_backward's `cluster`): the layouts above over
+    half the columns, with row scalars (where it is made, the two halves' sums meet in registers),
+    rows cached or re-read, accumulators in registers or shared memory, and prefetched 1 or 2 steps
+    ahead. Measured at N = 16384 on the H100 (bench/NOTES.md): a block per SM processes one row at
+    a time whatever its width, so what a cluster can win is two blocks an SM, which register
+    accumulators for half a row at 512 threads do not leave room for."""
+    if not clusterable(kernel, target):
+        return []
+    half = dataclasses.replace(kernel, hidden=kernel.hidden // cluster.SIZE)
+    half_rule = default_knobs(half, target)
+    layouts = []
+    for cache_rows, shared_acc in ((1, 0), (1, 1), (0, 0), (0, 1)):
+        cands = thread_candidates(half, target, max_per_thread=32 if cache_rows else 64)
+        for threads in sorted(cands, key=lambda t: abs(t - half_rule["threads"]))[:3]:
+            for chunked, step in itertools.product((0, 1), ROWS_PER_STEP):
+                layout = dict(cache_rows=cache_rows, shared_acc=shared_acc, chunked=chunked, rows_per_step=step)
+                layouts.append(
+                    {
+                        **rule,
+                        **layout,
+                        "cache_gamma": half_rule["cache_gamma"],
+                        "threads": threads,
+                        "explicit_unroll": 0,
+                        "row_scalars": 1,
+                        "cluster": cluster.SIZE,
+                    }
+                )
+    cached = [k for k in layouts if k["cache_rows"]]
+    ahead = _prefetchable(kernel, target, [{**k, "prefetch": depth} for k in cached for depth in PREFETCH[1:]])
+    return layouts + ahead + _occupied(kernel, layouts + ahead)
+
+
+def _block_hidden(kernel: Kernel, knobs: dict) -> int:
+    """The columns of a row that one thread block handles (half of them in a cluster)."""
+    return kernel.hidden // (knobs.get("cluster") or 1)
 
 
 def registers_needed(kernel: Kernel, knobs: dict) -> int:
@@ -600,7 +682,7 @@ def registers_needed(kernel: Kernel, knobs: dict) -> int:
     statistics and the allreduce. Checked against ptxas for every CUDA backward (sm_90,
     2026-11-26): where this fits a register budget, ptxas fitted it without spilling in all but a
     few cases."""
-    per_thread = kernel.hidden // knobs["threads"]
+    per_thread = _block_hidden(kernel, knobs) // knobs["threads"]
     words = 1.0 if kernel.dtype == "float32" else 0.5
     stage = knobs.get("stage_rows", 0)
     # Staged, the row being reduced lives in its fp32 stages; its cached x and dy are dead by then.
@@ -617,10 +699,11 @@ def registers_needed(kernel: Kernel, knobs: dict) -> int:
 def shared_bytes_needed(kernel: Kernel, knobs: dict) -> int:
     """Dynamic shared memory of a CUDA backward block: prefetched rows of x and dy (depth + 1 steps
     in flight) and shared dgamma/dbeta accumulators."""
-    row = kernel.hidden * (4 if kernel.dtype == "float32" else 2)
+    columns = _block_hidden(kernel, knobs)
+    row = columns * (4 if kernel.dtype == "float32" else 2)
     depth = knobs.get("prefetch", 0)
     rows = (depth + 1) * knobs["rows_per_step"] * 2 * row if depth else 0
-    return rows + (2 * kernel.hidden * 4 if knobs["shared_acc"] else 0)
+    return rows + (2 * columns * 4 if knobs["shared_acc"] else 0)
 
 
 def _occupancies(kernel: Kernel, knobs: dict) -> list[int]:

@@ -25,6 +25,11 @@ class TargetInfo:
     def is_gpu(self) -> bool:
         return self.family != "cpu"
 
+    @property
+    def has_clusters(self) -> bool:
+        """Thread-block clusters with distributed shared memory: NVIDIA sm_90 and later."""
+        return self.family == "cuda" and int(self.spec["arch"].removeprefix("sm_").rstrip("a")) >= 90
+
     def tvm_target(self) -> tvm.target.Target:
         return tvm.target.Target(self.spec)
 

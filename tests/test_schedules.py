@@ -82,7 +82,7 @@ def _write_database(folder, kernel, target, traced, seconds=1e-4, extra_lines=()
 
 
 STRUCTURAL = ("cache_rows", "cache_gamma", "chunked", "rows_per_step", "explicit_unroll", "shared_acc")
-STRUCTURAL += ("threads_per_sm", "stage_rows", "prefetch", "row_scalars")
+STRUCTURAL += ("threads_per_sm", "stage_rows", "prefetch", "row_scalars", "cluster")
 # as the tuning spaces hold
 ONE_ROW_A_STEP = {
     "rows_per_step": 1,
@@ -92,6 +92,7 @@ ONE_ROW_A_STEP = {
     "stage_rows": 0,
     "prefetch": 0,
     "row_scalars": 0,
+    "cluster": 0,
 }
 
 
@@ -150,7 +151,7 @@ def test_tuned_record_keeps_rows_per_step_and_unrolling(tmp_path, rows_per_step,
     kernel = Kernel("backward", 2048, "bfloat16", spaces.parts_for(target, 2048, "bfloat16"))
     layout = {"rows_per_step": rows_per_step, "explicit_unroll": explicit_unroll}
     wanted = {"cache_rows": 1, "cache_gamma": 1, "chunked": 1, **layout, "shared_acc": 0, "threads_per_sm": 0}
-    wanted.update(stage_rows=0, prefetch=0, row_scalars=0)
+    wanted.update(stage_rows=0, prefetch=0, row_scalars=0, cluster=0)
     wanted.update(threads=128, unroll=64)
     assert database.choose(kernel, target, _records_of(tmp_path, kernel, target, wanted), selection={}).knobs == wanted
 
@@ -307,7 +308,7 @@ def test_prefetch_copies_rows_ahead_with_cp_async(depth, rows_per_step):
 
 def test_prefetch_variants_fit_shared_memory():
     """Prefetching variants keep their rows in the block's opt-in shared memory, never beside shared
-    accumulators (TVM cannot place their barriers), and float32 rows of 16384 have none."""
+    accumulators (TVM cannot place their barriers), and whole float32 rows of 16384 have none."""
     target = get_target("cuda-sm90")
     for n, dtype in ((4096, "bfloat16"), (8192, "float32"), (16384, "float16")):
         kernel = Kernel("backward", n, dtype, 132)
@@ -315,7 +316,10 @@ def test_prefetch_variants_fit_shared_memory():
         assert ahead and {v["prefetch"] for v in ahead} <= {1, 2}
         assert all(spaces.shared_bytes_needed(kernel, v) <= 227 * 1024 and not v["shared_acc"] for v in ahead)
     kernel = Kernel("backward", 16384, "float32", 132)
-    assert not any(v["prefetch"] for v in spaces.variants(kernel, target, database.baseline_knobs(kernel, target)))
+    whole_rows = [
+        v for v in spaces.variants(kernel, target, database.baseline_knobs(kernel, target)) if not v["cluster"]
+    ]
+    assert not any(v["prefetch"] for v in whole_rows)
 
 
 def test_variants_add_row_scalars_and_prefetched_staged_rows():

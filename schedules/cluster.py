@@ -1,0 +1,192 @@
+"""A row reduction split over a 2-CTA thread-block cluster (CUDA sm_90+).
+
+Where one thread block cannot hold a whole row (the backward at N = 16384: cached rows and
+dgamma/dbeta accumulators do not fit the registers of one block), two blocks of a cluster each take
+half of the row's columns. The schedule expresses that with `rfactor`: each block reduces its half
+into its own slot of a `[2, rows]` buffer, and the block that would add the two slots together (a
+reduction over the cluster rank) is rewritten here into an exchange through distributed shared
+memory (DSMEM). Both blocks then hold own + partner, which IEEE addition makes the same bits in
+either order, so the result is deterministic.
+
+TIR's dataflow cannot say "the partner block's value", so the exchange is an opaque call, placed
+after scheduling (`with_cluster_exchange`), and the kernel is marked `__cluster_dims__(2, 1, 1)` in
+its CUDA source (`add_cluster_dims`, a CUDA codegen post-processor): the grid's x extent is the
+rank (blockIdx.x, 0 or 1), so the two blocks of a cluster are the two halves of the same rows.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from tvm import s_tir, tirx
+from tvm.backend.cuda.op import cuda_func_call
+from tvm.ir import Range
+
+SIZE = 2  # blocks per cluster (the rank loop's extent)
+RANK_AXIS = "blockIdx.x"
+# Marks the block that adds the ranks' slots: the rewrite below replaces it, and nothing else.
+EXCHANGE_KEY = "lntune.cluster_exchange"
+PAIR_SUM = "lntune_cluster_pair_sum"
+FINISH = "lntune_cluster_finish"
+
+# Thread 0 publishes this block's two sums in slot[parity]; one cluster barrier (release/acquire)
+# later every thread reads the partner's slot through mapa + ld.shared::cluster. Rows alternate
+# slots, so a slot is rewritten only after the partner passed the next row's barrier, which it
+# reaches after its read of this one: one barrier a row suffices. Every thread of both blocks must
+# call it for the same rows (the rows of a cluster are the same, and the row predicate is uniform).
+PAIR_SUM_SOURCE = """
+__device__ __forceinline__ float2 lntune_cluster_pair_sum(float a, float b, int parity) {
+  __shared__ float2 lntune_cluster_slots[2];
+  if (threadIdx.x == 0) lntune_cluster_slots[parity] = make_float2(a, b);
+  asm volatile("barrier.cluster.arrive.release.aligned;\\n" ::: "memory");
+  asm volatile("barrier.cluster.wait.acquire.aligned;\\n" ::: "memory");
+  unsigned rank, local, remote;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\\n" : "=r"(rank));
+  local = (unsigned)__cvta_generic_to_shared(&lntune_cluster_slots[parity]);
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\\n" : "=r"(remote) : "r"(local), "r"(rank ^ 1u));
+  float ra, rb;
+  asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\\n" : "=f"(ra), "=f"(rb) : "r"(remote) : "memory");
+  return make_float2(a + ra, b + rb);
+}
+"""
+# A block must not exit while its partner may still read its shared memory.
+FINISH_SOURCE = """
+__device__ __forceinline__ void lntune_cluster_finish() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\\n" ::: "memory");
+  asm volatile("barrier.cluster.wait.acquire.aligned;\\n" ::: "memory");
+}
+"""
+
+
+def split_reduction(sch: s_tir.Schedule, block: str) -> s_tir.schedule.SBlockRV:
+    """rfactor `block`'s reduction over the cluster rank: returns the per-rank block (`<block>_rf`,
+    which reduces one half of the columns) and marks `block`, which now adds the ranks' slots."""
+    loops = sch.get_loops(sch.get_sblock(block))
+    rank, _ = sch.split(loops[-1], [SIZE, None])
+    rf = sch.rfactor(rank, 0)
+    sch.annotate(sch.get_sblock(block), EXCHANGE_KEY, 1)
+    return rf
+
+
+def _call(name: str, *args, source: str) -> tirx.Evaluate:
+    return tirx.Evaluate(cuda_func_call(name, *args, source_code=source))
+
+
+def _rewrite(stmt: tirx.Stmt, f: Callable[[tirx.Stmt], tirx.Stmt | None]) -> tirx.Stmt:
+    """`stmt` with f applied top-down to loops and blocks (f returns a replacement or None); a
+    scheduled function is loops, sequences and blocks down to its leaves, which stay as they are."""
+    new = f(stmt)
+    if new is not None:
+        return new
+    if isinstance(stmt, tirx.SeqStmt):
+        return tirx.SeqStmt([_rewrite(s, f) for s in stmt.seq])
+    if isinstance(stmt, tirx.For):
+        body = _rewrite(stmt.body, f)
+        return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding, stmt.annotations)
+    if isinstance(stmt, s_tir.SBlockRealize):
+        block = stmt.block
+        fields = ("iter_vars", "reads", "writes", "name_hint")
+        rest = ("init", "alloc_buffers", "match_buffers", "annotations")
+        body = _rewrite(block.body, f)
+        new_block = s_tir.SBlock(*(getattr(block, n) for n in fields), body, *(getattr(block, n) for n in rest))
+        return s_tir.SBlockRealize(stmt.iter_values, stmt.predicate, new_block)
+    return stmt
+
+
+def _find(stmt: tirx.Stmt, match: Callable[[tirx.Stmt], bool]) -> list[tirx.Stmt]:
+    found = []
+
+    def visit(node):
+        if match(node):
+            found.append(node)
+        return None
+
+    _rewrite(stmt, visit)
+    return found
+
+
+def _rank_var(func: tirx.PrimFunc) -> tirx.Var:
+    loops = _find(
+        func.body,
+        lambda n: isinstance(n, tirx.For) and n.thread_binding is not None and n.thread_binding.thread_tag == RANK_AXIS,
+    )
+    if len(loops) != 1:
+        raise ValueError(f"a cluster kernel needs exactly one loop bound to {RANK_AXIS}, found {len(loops)}")
+    return loops[0].loop_var
+
+
+def _exchange(realize: s_tir.SBlockRealize, rank: tirx.Var) -> s_tir.SBlockRealize:
+    """The marked block, from `out[i] += slot[r, i]` over r to `out[i] = slot[rank, i]` + exchange."""
+    block = realize.block
+    stores = [s for s in (block.body.seq if isinstance(block.body, tirx.SeqStmt) else [block.body])]
+    stores = [s for s in stores if isinstance(s, tirx.BufferStore)]
+    spatial = [(iv, v) for iv, v in zip(block.iter_vars, realize.iter_values) if iv.iter_type == tirx.IterVar.DataPar]
+    if len(spatial) != 1 or len(stores) != 2 or len(block.reads) != 2:
+        raise ValueError(f"cluster exchange: unexpected block {block.name_hint}")
+    ((row_iv, row_value),) = spatial
+    row = row_iv.var
+    # By value in, one float2 out into a scratch pair: handed pointers to the block's outputs, TVM
+    # passed the allreduce's shared result (which it had merged them into) and every thread wrote it.
+    scratch = tirx.decl_buffer((SIZE,), "float32", "cluster_pair", scope="local")
+    values, reads = [], []
+    for region, store in zip(block.reads, stores):
+        slot = region.source
+        if not slot.name.startswith(store.buffer.name.removesuffix("_local")):  # c_v0_rf_local -> c_v0_local
+            raise ValueError(f"cluster exchange: {slot.name} does not feed {store.buffer.name}")
+        values.append(tirx.BufferLoad(slot, [rank, row]))
+        reads.append(tirx.BufferRegion(slot, [Range.from_min_extent(rank, 1), Range.from_min_extent(row, 1)]))
+    parity = tirx.Cast("int32", tirx.truncmod(row, 2))
+    pair = cuda_func_call(PAIR_SUM, *values, parity, source_code=PAIR_SUM_SOURCE, return_type="float32x2")
+    body = [tirx.BufferStore(scratch, pair, [tirx.Ramp(0, 1, SIZE)])]
+    body += [tirx.BufferStore(s.buffer, tirx.BufferLoad(scratch, [i]), s.indices) for i, s in enumerate(stores)]
+    new = s_tir.SBlock(
+        [row_iv],
+        reads,
+        block.writes,
+        block.name_hint,
+        tirx.SeqStmt(body),
+        alloc_buffers=[scratch],
+        annotations=block.annotations,
+    )
+    return s_tir.SBlockRealize([row_value], realize.predicate, new)
+
+
+def with_cluster_exchange(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """Rewrite the marked rank-sum (split_reduction) into the DSMEM exchange, and end every block
+    with a cluster barrier. A function without the mark is returned as it is."""
+    if not _find(func.body, lambda n: isinstance(n, s_tir.SBlockRealize) and EXCHANGE_KEY in n.block.annotations):
+        return func
+    rank = _rank_var(func)
+
+    def rewrite(node):
+        # The marked block sits alone in its loop over the rank slots; the loop goes with it.
+        if isinstance(node, tirx.For) and isinstance(node.body, s_tir.SBlockRealize):
+            if EXCHANGE_KEY in node.body.block.annotations:
+                return _exchange(node.body, rank)
+        if isinstance(node, tirx.For) and node.loop_var.same_as(rank):
+            body = tirx.SeqStmt([_rewrite(node.body, rewrite), _call(FINISH, source=FINISH_SOURCE)])
+            return tirx.For(
+                node.loop_var, node.min, node.extent, node.kind, body, node.thread_binding, node.annotations
+            )
+        return None
+
+    return func.with_body(_rewrite(func.body, rewrite))
+
+
+_KERNEL = re.compile(r'(extern "C" __global__ void )((?:__launch_bounds__\([^)]*\) )?)(\w+)\(')
+
+
+def add_cluster_dims(code: str) -> str:
+    """Mark each kernel of a CUDA source that exchanges through the cluster (its declaration and
+    definition) `__cluster_dims__(2, 1, 1)`; other kernels and sources are returned as they are."""
+    starts = [(m.start(), m.group(3)) for m in _KERNEL.finditer(code)] + [(len(code), "")]
+    calling = {name for (at, name), (end, _) in zip(starts, starts[1:]) if f"{PAIR_SUM}(" in code[at:end]}
+    return _KERNEL.sub(
+        lambda m: (
+            f"{m.group(1)}{m.group(2)}__cluster_dims__({SIZE}, 1, 1) {m.group(3)}("
+            if m.group(3) in calling
+            else m.group(0)
+        ),
+        code,
+    )

@@ -1,0 +1,108 @@
+"""The backward's row split over a 2-block cluster (schedules.cluster), checked where CI can: the
+schedule, the rewritten exchange and the CUDA source. It runs on the H100 only (lntune select,
+lntune check, bench/experiments/cluster_probe.py)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+import tvm
+
+from lntune import inspect
+from lntune.build import compile_module
+from lntune.select import STACK_LIMIT
+from schedules import cluster, database, spaces
+from schedules.knobs import Fixed
+from schedules.targets import get_target
+from te_ops.layer_norm import Kernel
+
+SM90 = get_target("cuda-sm90")
+
+
+def _cluster_knobs(kernel: Kernel) -> dict:
+    """One of the cluster variants select times: 1024 threads a half row, each thread's piece
+    contiguous (interleaved, float32 caches go to local memory, as for whole rows)."""
+    knobs = spaces.variants(kernel, SM90, database.baseline_knobs(kernel, SM90))
+    return next(k for k in knobs if k["cluster"] and k["threads"] == 1024 and k["chunked"] and k == _plain(k))
+
+
+def _plain(knobs: dict) -> dict:
+    return {**knobs, "prefetch": 0, "shared_acc": 0, "threads_per_sm": 0, "rows_per_step": 1, "cache_rows": 1}
+
+
+def _blocks(stmt, found=None) -> list:
+    found = [] if found is None else found
+    if isinstance(stmt, tvm.tirx.SeqStmt):
+        for s in stmt.seq:
+            _blocks(s, found)
+    elif isinstance(stmt, tvm.tirx.For):
+        _blocks(stmt.body, found)
+    elif isinstance(stmt, tvm.s_tir.SBlockRealize):
+        found.append(stmt.block)
+        _blocks(stmt.block.body, found)
+    return found
+
+
+def _kernel_body(source: str, name: str) -> str:
+    start = source.index(f"{name}_kernel(", source.index(f"{name}_kernel(") + 1)  # the definition
+    return source[start:]
+
+
+def test_only_long_rows_on_sm90_split_over_a_cluster():
+    assert spaces.clusterable(Kernel("backward", 16384, "bfloat16", 132), SM90)
+    assert spaces.clusterable(Kernel("backward", 8192, "float32", 132), SM90)
+    assert not spaces.clusterable(Kernel("backward", 4096, "bfloat16", 132), SM90)
+    for name in ("cuda-sm80", "rocm-gfx942", "llvm"):
+        assert not spaces.clusterable(Kernel("backward", 16384, "bfloat16", 132), get_target(name))
+    assert spaces.default_knobs(Kernel("backward", 16384, "bfloat16", 132), SM90)["cluster"] == 0
+
+
+def test_the_rank_sum_becomes_one_exchange_per_row():
+    """After the rewrite no block reduces over the rank: the per-rank block reduces half the
+    columns, and the marked block reads only this block's own slot."""
+    kernel = Kernel("backward", 16384, "bfloat16", 132)
+    func = database.scheduled(kernel, SM90, _cluster_knobs(kernel))
+    blocks = {b.name_hint: b for b in _blocks(func.body.block.body)}
+    exchange = blocks["c"]
+    assert cluster.EXCHANGE_KEY in exchange.annotations
+    assert all(iv.iter_type == tvm.tirx.IterVar.DataPar for iv in exchange.iter_vars)
+    assert "lntune_cluster_pair_sum" in str(exchange.body)
+    reduced = [iv for iv in blocks["c_rf"].iter_vars if iv.iter_type == tvm.tirx.IterVar.CommReduce]
+    assert [int(iv.dom.extent) for iv in reduced] == [kernel.hidden // cluster.SIZE]
+
+
+def test_a_function_without_the_mark_is_left_as_it_is():
+    kernel = Kernel("backward", 16384, "bfloat16", 132)
+    sch = tvm.s_tir.Schedule(kernel.prim_func())
+    spaces.apply(sch, kernel, SM90, Fixed(database.baseline_knobs(kernel, SM90)))
+    assert cluster.with_cluster_exchange(sch.mod["main"]).same_as(sch.mod["main"])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_cuda_kernel_is_a_cluster_of_two_over_the_grid_x(dtype):
+    kernel = Kernel("backward", 16384, dtype, 132)
+    func = database.scheduled(kernel, SM90, _cluster_knobs(kernel))
+    source = compile_module(tvm.IRModule({kernel.name: func}), SM90).mod.imports[0].inspect_source()
+    declarations = re.findall(rf"__global__ void .*{kernel.name}_kernel\(", source)
+    assert len(declarations) == 2 and all("__cluster_dims__(2, 1, 1)" in d for d in declarations)
+    body = _kernel_body(source, kernel.name)
+    assert body.count("lntune_cluster_pair_sum(") == 1 and body.count("lntune_cluster_finish()") == 1
+    assert "blockIdx.y" in body  # the chunk of rows; blockIdx.x is the rank
+    if shutil.which("nvcc"):
+        facts = inspect.ptxas_report(inspect.compile_cubin(source.encode(), "sm_90")[1])[kernel.name]
+        assert facts["stack"] <= STACK_LIMIT  # what select allows
+
+
+def test_cluster_dims_mark_only_the_kernels_that_exchange():
+    source = (
+        "__device__ float2 lntune_cluster_pair_sum(float a, float b, int p) { return make_float2(a, b); }\n"
+        'extern "C" __global__ void __launch_bounds__(256) a_kernel(float* x);\n'
+        'extern "C" __global__ void __launch_bounds__(256) a_kernel(float* x) { lntune_cluster_pair_sum(1, 2, 0); }\n'
+        'extern "C" __global__ void b_kernel(float* x) { x[0] = 1; }\n'
+    )
+    marked = cluster.add_cluster_dims(source)
+    assert marked.count("__launch_bounds__(256) __cluster_dims__(2, 1, 1) a_kernel(") == 2
+    assert "void b_kernel(float* x) { x[0] = 1; }" in marked
+    assert cluster.add_cluster_dims("no kernels here") == "no kernels here"
