@@ -1,0 +1,68 @@
+"""What does the per-row cluster exchange cost? (bfloat16 backward, N = 16384, M = 4096)
+
+    python3 bench/experiments/cluster_cost.py OUT.json
+
+Times two cluster layouts as select builds them ("exchange"), then the same kernels with the
+exchange helper replaced: "barrier only" (the cluster barrier, no remote read, each block doubles
+its own half) and "none" (no barrier either). The last two compute wrong dx, so they are timed,
+not checked: the gap between them and "exchange" is what hiding the exchange could win.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import tvm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from lntune import select  # noqa: E402
+from lntune.build import compile_module  # noqa: E402
+from schedules import cluster, database  # noqa: E402
+from schedules.targets import get_target  # noqa: E402
+from te_ops.layer_norm import Kernel  # noqa: E402
+
+HELPERS = {
+    "exchange": cluster.PAIR_SUM_SOURCE,
+    "barrier only": """
+__device__ __forceinline__ float2 lntune_cluster_pair_sum(float a, float b, int parity) {
+  asm volatile("barrier.cluster.arrive.release.aligned;\\n" ::: "memory");
+  asm volatile("barrier.cluster.wait.acquire.aligned;\\n" ::: "memory");
+  return make_float2(a + a, b + b);
+}
+""",
+    "none": """
+__device__ __forceinline__ float2 lntune_cluster_pair_sum(float a, float b, int parity) {
+  return make_float2(a + a, b + b);
+}
+""",
+}
+LAYOUTS = {
+    "plain": {},
+    "staged-prefetch1": {"prefetch": 1, "stage_rows": 2, "row_scalars": 0},
+}
+
+
+def main() -> None:
+    target, device, rng = get_target("cuda-sm90"), tvm.cuda(0), np.random.default_rng(0)
+    kernel = Kernel("backward", 16384, "bfloat16", 132)
+    base = {**database.choose(kernel, target).knobs, "cluster": 2, "threads": 1024, "chunked": 1}
+    base.update(cache_rows=1, shared_acc=0, row_scalars=1, stage_rows=0, prefetch=0, threads_per_sm=0)
+    args = select.device_arguments(kernel, 4096, device, rng)
+    results = {}
+    for layout, extra in LAYOUTS.items():
+        knobs = database.exact_knobs(kernel, target, {**base, **extra})
+        for helper, source in HELPERS.items():
+            cluster.PAIR_SUM_SOURCE = source
+            lib = compile_module(tvm.IRModule({kernel.name: database.scheduled(kernel, target, knobs)}), target)
+            results[f"{layout} / {helper}"] = us = select._median_us(lib.mod, kernel.name, args, device)
+            print(f"{layout:<18} {helper:<13} {us:7.1f} us", flush=True)
+    cluster.PAIR_SUM_SOURCE = HELPERS["exchange"]
+    Path(sys.argv[1]).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
