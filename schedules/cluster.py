@@ -27,29 +27,53 @@ SIZE = 2  # blocks per cluster (the rank loop's extent)
 RANK_AXIS = "blockIdx.x"
 # Marks the block that adds the ranks' slots: the rewrite below replaces it, and nothing else.
 EXCHANGE_KEY = "lntune.cluster_exchange"
-PAIR_SUM = "lntune_cluster_pair_sum"
+PUBLISH = "lntune_cluster_publish"
+COLLECT = "lntune_cluster_collect"
 FINISH = "lntune_cluster_finish"
+# Blocks that need neither c1 nor c2 (the dgamma/dbeta partial updates): the rewrite moves them
+# between a row's publish and collect, so the wait for the partner overlaps them.
+INDEPENDENT = ("dgamma_part_update", "dbeta_part_update")
 
-# Thread 0 publishes this block's two sums in slot[parity]; one cluster barrier (release/acquire)
-# later every thread reads the partner's slot through mapa + ld.shared::cluster. Rows alternate
-# slots, so a slot is rewritten only after the partner passed the next row's barrier, which it
-# reaches after its read of this one: one barrier a row suffices. Every thread of both blocks must
-# call it for the same rows (the rows of a cluster are the same, and the row predicate is uniform).
-PAIR_SUM_SOURCE = """
-__device__ __forceinline__ float2 lntune_cluster_pair_sum(float a, float b, int parity) {
-  __shared__ float2 lntune_cluster_slots[2];
-  if (threadIdx.x == 0) lntune_cluster_slots[parity] = make_float2(a, b);
+# Thread 0 publishes this block's two sums in slot[parity] and the block arrives at the cluster
+# barrier (release); later it waits (acquire) and every thread reads the partner's slot through
+# mapa + ld.shared::cluster. Rows alternate slots: a slot is rewritten two rows on, after this
+# block's wait of the row between, which needs the partner's arrival there, which follows (in its
+# program order, released) its read of the slot. Every thread of both blocks must call both for
+# the same rows (the rows of a cluster are the same, and the row predicate is uniform).
+_SLOTS = """
+#ifndef LNTUNE_CLUSTER_SLOTS
+#define LNTUNE_CLUSTER_SLOTS
+__device__ __forceinline__ float2* lntune_cluster_slots() {
+  __shared__ float2 slots[2];  // one per block: shared variables of a function are static
+  return slots;
+}
+#endif
+"""
+PUBLISH_SOURCE = (
+    _SLOTS
+    + """
+__device__ __forceinline__ int lntune_cluster_publish(float a, float b, int parity) {
+  if (threadIdx.x == 0) lntune_cluster_slots()[parity] = make_float2(a, b);
   asm volatile("barrier.cluster.arrive.release.aligned;\\n" ::: "memory");
+  return 0;
+}
+"""
+)
+COLLECT_SOURCE = (
+    _SLOTS
+    + """
+__device__ __forceinline__ float2 lntune_cluster_collect(float a, float b, int parity) {
   asm volatile("barrier.cluster.wait.acquire.aligned;\\n" ::: "memory");
   unsigned rank, local, remote;
   asm volatile("mov.u32 %0, %%cluster_ctarank;\\n" : "=r"(rank));
-  local = (unsigned)__cvta_generic_to_shared(&lntune_cluster_slots[parity]);
+  local = (unsigned)__cvta_generic_to_shared(&lntune_cluster_slots()[parity]);
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\\n" : "=r"(remote) : "r"(local), "r"(rank ^ 1u));
   float ra, rb;
   asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\\n" : "=f"(ra), "=f"(rb) : "r"(remote) : "memory");
   return make_float2(a + ra, b + rb);
 }
 """
+)
 # A block must not exit while its partner may still read its shared memory.
 FINISH_SOURCE = """
 __device__ __forceinline__ void lntune_cluster_finish() {
@@ -116,8 +140,9 @@ def _rank_var(func: tirx.PrimFunc) -> tirx.Var:
     return loops[0].loop_var
 
 
-def _exchange(realize: s_tir.SBlockRealize, rank: tirx.Var) -> s_tir.SBlockRealize:
-    """The marked block, from `out[i] += slot[r, i]` over r to `out[i] = slot[rank, i]` + exchange."""
+def _exchange(realize: s_tir.SBlockRealize, rank: tirx.Var) -> tuple[s_tir.SBlockRealize, s_tir.SBlockRealize]:
+    """The marked block, `out[i] += slot[r, i]` over r, as two: publish `slot[rank, i]` (block
+    "c_publish"), and collect own + partner into `out[i]` (block "c")."""
     block = realize.block
     stores = [s for s in (block.body.seq if isinstance(block.body, tirx.SeqStmt) else [block.body])]
     stores = [s for s in stores if isinstance(s, tirx.BufferStore)]
@@ -126,9 +151,6 @@ def _exchange(realize: s_tir.SBlockRealize, rank: tirx.Var) -> s_tir.SBlockReali
         raise ValueError(f"cluster exchange: unexpected block {block.name_hint}")
     ((row_iv, row_value),) = spatial
     row = row_iv.var
-    # By value in, one float2 out into a scratch pair: handed pointers to the block's outputs, TVM
-    # passed the allreduce's shared result (which it had merged them into) and every thread wrote it.
-    scratch = tirx.decl_buffer((SIZE,), "float32", "cluster_pair", scope="local")
     values, reads = [], []
     for region, store in zip(block.reads, stores):
         slot = region.source
@@ -137,10 +159,25 @@ def _exchange(realize: s_tir.SBlockRealize, rank: tirx.Var) -> s_tir.SBlockReali
         values.append(tirx.BufferLoad(slot, [rank, row]))
         reads.append(tirx.BufferRegion(slot, [Range.from_min_extent(rank, 1), Range.from_min_extent(row, 1)]))
     parity = tirx.Cast("int32", tirx.truncmod(row, 2))
-    pair = cuda_func_call(PAIR_SUM, *values, parity, source_code=PAIR_SUM_SOURCE, return_type="float32x2")
+    # It writes a local token: a block that writes nothing TVM runs on thread 0 only, and the
+    # cluster barrier needs every thread.
+    token = tirx.decl_buffer((1,), "int32", "cluster_token", scope="local")
+    arrive = cuda_func_call(PUBLISH, *values, parity, source_code=PUBLISH_SOURCE, return_type="int32")
+    publish = s_tir.SBlock(
+        [row_iv],
+        reads,
+        [tirx.BufferRegion(token, [Range.from_min_extent(0, 1)])],
+        f"{block.name_hint}_publish",
+        tirx.BufferStore(token, arrive, [0]),
+        alloc_buffers=[token],
+    )
+    # By value in, one float2 out into a scratch pair: handed pointers to the block's outputs, TVM
+    # passed the allreduce's shared result (which it had merged them into) and every thread wrote it.
+    scratch = tirx.decl_buffer((SIZE,), "float32", "cluster_pair", scope="local")
+    pair = cuda_func_call(COLLECT, *values, parity, source_code=COLLECT_SOURCE, return_type="float32x2")
     body = [tirx.BufferStore(scratch, pair, [tirx.Ramp(0, 1, SIZE)])]
     body += [tirx.BufferStore(s.buffer, tirx.BufferLoad(scratch, [i]), s.indices) for i, s in enumerate(stores)]
-    new = s_tir.SBlock(
+    collect = s_tir.SBlock(
         [row_iv],
         reads,
         block.writes,
@@ -149,21 +186,39 @@ def _exchange(realize: s_tir.SBlockRealize, rank: tirx.Var) -> s_tir.SBlockReali
         alloc_buffers=[scratch],
         annotations=block.annotations,
     )
-    return s_tir.SBlockRealize([row_value], realize.predicate, new)
+    return tuple(s_tir.SBlockRealize([row_value], realize.predicate, b) for b in (publish, collect))
+
+
+def _is_rank_sum(stmt: tirx.Stmt) -> bool:
+    """The marked block sits alone in its loop over the rank slots."""
+    return (
+        isinstance(stmt, tirx.For)
+        and isinstance(stmt.body, s_tir.SBlockRealize)
+        and EXCHANGE_KEY in stmt.body.block.annotations
+    )
+
+
+def _names(stmt: tirx.Stmt) -> set[str]:
+    return {n.block.name_hint for n in _find(stmt, lambda n: isinstance(n, s_tir.SBlockRealize))}
 
 
 def with_cluster_exchange(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """Rewrite the marked rank-sum (split_reduction) into the DSMEM exchange, and end every block
-    with a cluster barrier. A function without the mark is returned as it is."""
-    if not _find(func.body, lambda n: isinstance(n, s_tir.SBlockRealize) and EXCHANGE_KEY in n.block.annotations):
+    """Rewrite the marked rank-sum (split_reduction) into the DSMEM exchange, with the row's
+    partial-sum updates between its publish and its collect, and end every block with a cluster
+    barrier. A function without the mark is returned as it is."""
+    if not _find(func.body, _is_rank_sum):
         return func
     rank = _rank_var(func)
 
     def rewrite(node):
-        # The marked block sits alone in its loop over the rank slots; the loop goes with it.
-        if isinstance(node, tirx.For) and isinstance(node.body, s_tir.SBlockRealize):
-            if EXCHANGE_KEY in node.body.block.annotations:
-                return _exchange(node.body, rank)
+        if isinstance(node, tirx.SeqStmt) and any(_is_rank_sum(s) for s in node.seq):
+            at = next(i for i, s in enumerate(node.seq) if _is_rank_sum(s))
+            publish, collect = _exchange(node.seq[at].body, rank)
+            later = [_rewrite(s, rewrite) for s in node.seq[at + 1 :]]
+            moved = [s for s in later if _names(s) & set(INDEPENDENT)]
+            rest = [s for s in later if not _names(s) & set(INDEPENDENT)]
+            earlier = [_rewrite(s, rewrite) for s in node.seq[:at]]
+            return tirx.SeqStmt([*earlier, publish, *moved, collect, *rest])
         if isinstance(node, tirx.For) and node.loop_var.same_as(rank):
             body = tirx.SeqStmt([_rewrite(node.body, rewrite), _call(FINISH, source=FINISH_SOURCE)])
             return tirx.For(
@@ -181,7 +236,7 @@ def add_cluster_dims(code: str) -> str:
     """Mark each kernel of a CUDA source that exchanges through the cluster (its declaration and
     definition) `__cluster_dims__(2, 1, 1)`; other kernels and sources are returned as they are."""
     starts = [(m.start(), m.group(3)) for m in _KERNEL.finditer(code)] + [(len(code), "")]
-    calling = {name for (at, name), (end, _) in zip(starts, starts[1:]) if f"{PAIR_SUM}(" in code[at:end]}
+    calling = {name for (at, name), (end, _) in zip(starts, starts[1:]) if f"{COLLECT}(" in code[at:end]}
     return _KERNEL.sub(
         lambda m: (
             f"{m.group(1)}{m.group(2)}__cluster_dims__({SIZE}, 1, 1) {m.group(3)}("

@@ -61,14 +61,19 @@ def test_only_long_rows_on_sm90_split_over_a_cluster():
 
 def test_the_rank_sum_becomes_one_exchange_per_row():
     """After the rewrite no block reduces over the rank: the per-rank block reduces half the
-    columns, and the marked block reads only this block's own slot."""
+    columns, and the marked block reads only this block's own slot, published before the row's
+    partial-sum updates and collected after them."""
     kernel = Kernel("backward", 16384, "bfloat16", 132)
     func = database.scheduled(kernel, SM90, _cluster_knobs(kernel))
     blocks = {b.name_hint: b for b in _blocks(func.body.block.body)}
     exchange = blocks["c"]
     assert cluster.EXCHANGE_KEY in exchange.annotations
     assert all(iv.iter_type == tvm.tirx.IterVar.DataPar for iv in exchange.iter_vars)
-    assert "lntune_cluster_pair_sum" in str(exchange.body)
+    assert "lntune_cluster_collect" in str(exchange.body)
+    order = [b.name_hint for b in _blocks(func.body.block.body)]
+    # The partial-sum updates (no need of c1, c2) wait out the partner between publish and collect.
+    assert order.index("c_publish") < order.index("dgamma_part_update") < order.index("dbeta_part_update")
+    assert order.index("dbeta_part_update") < order.index("c") < order.index("dx")
     reduced = [iv for iv in blocks["c_rf"].iter_vars if iv.iter_type == tvm.tirx.IterVar.CommReduce]
     assert [int(iv.dom.extent) for iv in reduced] == [kernel.hidden // cluster.SIZE]
 
@@ -88,7 +93,14 @@ def test_the_cuda_kernel_is_a_cluster_of_two_over_the_grid_x(dtype):
     declarations = re.findall(rf"__global__ void .*{kernel.name}_kernel\(", source)
     assert len(declarations) == 2 and all("__cluster_dims__(2, 1, 1)" in d for d in declarations)
     body = _kernel_body(source, kernel.name)
-    assert body.count("lntune_cluster_pair_sum(") == 1 and body.count("lntune_cluster_finish()") == 1
+    calls = ("lntune_cluster_publish(", "lntune_cluster_collect(", "lntune_cluster_finish()")
+    assert [body.count(call) for call in calls] == [1, 1, 1]
+    # Every thread reaches both halves of the barrier: no thread predicate around either call.
+    lines = body.splitlines()
+    for call in calls[:2]:
+        at = next(i for i, line in enumerate(lines) if call in line)
+        guards = [line for line in lines[at - 2 : at] if line.strip().startswith("if (")]
+        assert guards and not any("threadIdx" in guard for guard in guards), lines[at - 2 : at + 1]
     assert "blockIdx.y" in body  # the chunk of rows; blockIdx.x is the rank
     if shutil.which("nvcc"):
         facts = inspect.ptxas_report(inspect.compile_cubin(source.encode(), "sm_90")[1])[kernel.name]
@@ -97,9 +109,9 @@ def test_the_cuda_kernel_is_a_cluster_of_two_over_the_grid_x(dtype):
 
 def test_cluster_dims_mark_only_the_kernels_that_exchange():
     source = (
-        "__device__ float2 lntune_cluster_pair_sum(float a, float b, int p) { return make_float2(a, b); }\n"
+        "__device__ float2 lntune_cluster_collect(float a, float b, int p) { return make_float2(a, b); }\n"
         'extern "C" __global__ void __launch_bounds__(256) a_kernel(float* x);\n'
-        'extern "C" __global__ void __launch_bounds__(256) a_kernel(float* x) { lntune_cluster_pair_sum(1, 2, 0); }\n'
+        'extern "C" __global__ void __launch_bounds__(256) a_kernel(float* x) { lntune_cluster_collect(1, 2, 0); }\n'
         'extern "C" __global__ void b_kernel(float* x) { x[0] = 1; }\n'
     )
     marked = cluster.add_cluster_dims(source)

@@ -2,10 +2,15 @@
 
     python3 bench/experiments/cluster_cost.py OUT.json
 
-Times two cluster layouts as select builds them ("exchange"), then the same kernels with the
-exchange helper replaced: "barrier only" (the cluster barrier, no remote read, each block doubles
-its own half) and "none" (no barrier either). The last two compute wrong dx, so they are timed,
-not checked: the gap between them and "exchange" is what hiding the exchange could win.
+Times three cluster layouts as select builds them ("exchange": publish, the row's partial-sum
+updates, collect), then the same kernels with the exchange helpers replaced: "barrier only" (the
+cluster barrier, no remote read, each block doubles its own half) and "none" (no barrier either).
+The last two compute wrong dx, so they are timed, not checked: the gap between them and
+"exchange" is what the exchange costs.
+
+Measured 2026-11-26 on the H100 with the exchange in one piece (barrier and read together, before
+the partial-sum updates): plain 270.6 / 263.4 / 212.5 us, staged + prefetched 255.3 / 264.6 /
+197.1 us (exchange / barrier only / none).
 """
 
 from __future__ import annotations
@@ -25,23 +30,20 @@ from schedules import cluster, database  # noqa: E402
 from schedules.targets import get_target  # noqa: E402
 from te_ops.layer_norm import Kernel  # noqa: E402
 
+_ARRIVE = 'asm volatile("barrier.cluster.arrive.release.aligned;\\n" ::: "memory");'
+_WAIT = 'asm volatile("barrier.cluster.wait.acquire.aligned;\\n" ::: "memory");'
+_PUBLISH = "__device__ __forceinline__ int lntune_cluster_publish(float a, float b, int parity) {{ {} return 0; }}\n"
+_COLLECT = "__device__ __forceinline__ float2 lntune_cluster_collect(float a, float b, int parity) {{ {} }}\n"
+_DOUBLE = "return make_float2(a + a, b + b);"
+# (publish, collect) sources: the product's, then without the remote read, then without the barrier.
 HELPERS = {
-    "exchange": cluster.PAIR_SUM_SOURCE,
-    "barrier only": """
-__device__ __forceinline__ float2 lntune_cluster_pair_sum(float a, float b, int parity) {
-  asm volatile("barrier.cluster.arrive.release.aligned;\\n" ::: "memory");
-  asm volatile("barrier.cluster.wait.acquire.aligned;\\n" ::: "memory");
-  return make_float2(a + a, b + b);
-}
-""",
-    "none": """
-__device__ __forceinline__ float2 lntune_cluster_pair_sum(float a, float b, int parity) {
-  return make_float2(a + a, b + b);
-}
-""",
+    "exchange": (cluster.PUBLISH_SOURCE, cluster.COLLECT_SOURCE),
+    "barrier only": (_PUBLISH.format(_ARRIVE), _COLLECT.format(_WAIT + " " + _DOUBLE)),
+    "none": (_PUBLISH.format(""), _COLLECT.format(_DOUBLE)),
 }
 LAYOUTS = {
     "plain": {},
+    "plain-2rows": {"rows_per_step": 2},
     "staged-prefetch1": {"prefetch": 1, "stage_rows": 2, "row_scalars": 0},
 }
 
@@ -55,12 +57,12 @@ def main() -> None:
     results = {}
     for layout, extra in LAYOUTS.items():
         knobs = database.exact_knobs(kernel, target, {**base, **extra})
-        for helper, source in HELPERS.items():
-            cluster.PAIR_SUM_SOURCE = source
+        for helper, (publish, collect) in HELPERS.items():
+            cluster.PUBLISH_SOURCE, cluster.COLLECT_SOURCE = publish, collect
             lib = compile_module(tvm.IRModule({kernel.name: database.scheduled(kernel, target, knobs)}), target)
             results[f"{layout} / {helper}"] = us = select._median_us(lib.mod, kernel.name, args, device)
             print(f"{layout:<18} {helper:<13} {us:7.1f} us", flush=True)
-    cluster.PAIR_SUM_SOURCE = HELPERS["exchange"]
+    cluster.PUBLISH_SOURCE, cluster.COLLECT_SOURCE = HELPERS["exchange"]
     Path(sys.argv[1]).write_text(json.dumps(results, indent=1))
 
 
