@@ -29,32 +29,57 @@ RANK_AXIS = "blockIdx.x"
 EXCHANGE_KEY = "lntune.cluster_exchange"
 PUBLISH = "lntune_cluster_publish"
 COLLECT = "lntune_cluster_collect"
+START = "lntune_cluster_start"
 FINISH = "lntune_cluster_finish"
 # Blocks that need neither c1 nor c2 (the dgamma/dbeta partial updates): the rewrite moves them
 # between a row's publish and collect, so the wait for the partner overlaps them.
 INDEPENDENT = ("dgamma_part_update", "dbeta_part_update")
 
-# Thread 0 publishes this block's two sums in slot[parity] and the block arrives at the cluster
-# barrier (release); later it waits (acquire) and every thread reads the partner's slot through
-# mapa + ld.shared::cluster. Rows alternate slots: a slot is rewritten two rows on, after this
-# block's wait of the row between, which needs the partner's arrival there, which follows (in its
-# program order, released) its read of the slot. Every thread of both blocks must call both for
-# the same rows (the rows of a cluster are the same, and the row predicate is uniform).
+# Push, not pull: thread 0 stores this block's two sums into the partner's slot[parity]
+# (st.shared::cluster), then the row's tag there with release semantics; the partner's threads
+# wait for that tag in their own shared memory (ld.acquire) and read the sums. A block thus
+# waits for its partner's row sums only, not for all of the partner's threads as a cluster
+# barrier does (that cost 1-1.5 us a row, bench/NOTES.md). Rows alternate slots: a slot is
+# rewritten two rows on, after the writer saw the reader's tag of the row between, which the
+# reader's thread 0 stores after its block's row barrier (the allreduce's __syncthreads), so
+# after all its threads read the slot. Tags are the row index; slots start with -1, set before
+# a cluster barrier at the start (start), and no block exits before its partner stopped storing
+# into it (finish). Every thread of both blocks calls collect for the same rows (the rows of a
+# cluster are the same, and the row predicate is uniform).
 _SLOTS = """
 #ifndef LNTUNE_CLUSTER_SLOTS
 #define LNTUNE_CLUSTER_SLOTS
-__device__ __forceinline__ float2* lntune_cluster_slots() {
-  __shared__ float2 slots[2];  // one per block: shared variables of a function are static
+__device__ __forceinline__ float4* lntune_cluster_slots() {
+  __shared__ float4 slots[2];  // (a, b, tag, -); one per block: shared variables of a function are static
   return slots;
+}
+__device__ __forceinline__ void lntune_cluster_barrier() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\\n" ::: "memory");
+  asm volatile("barrier.cluster.wait.acquire.aligned;\\n" ::: "memory");
 }
 #endif
 """
+START_SOURCE = (
+    _SLOTS
+    + """
+__device__ __forceinline__ void lntune_cluster_start() {
+  if (threadIdx.x < 2) lntune_cluster_slots()[threadIdx.x].z = __int_as_float(-1);
+  lntune_cluster_barrier();
+}
+"""
+)
 PUBLISH_SOURCE = (
     _SLOTS
     + """
-__device__ __forceinline__ int lntune_cluster_publish(float a, float b, int parity) {
-  if (threadIdx.x == 0) lntune_cluster_slots()[parity] = make_float2(a, b);
-  asm volatile("barrier.cluster.arrive.release.aligned;\\n" ::: "memory");
+__device__ __forceinline__ int lntune_cluster_publish(float a, float b, int parity, int tag) {
+  if (threadIdx.x == 0) {
+    unsigned rank, local, remote;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\\n" : "=r"(rank));
+    local = (unsigned)__cvta_generic_to_shared(&lntune_cluster_slots()[parity]);
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\\n" : "=r"(remote) : "r"(local), "r"(rank ^ 1u));
+    asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};\\n" :: "r"(remote), "f"(a), "f"(b) : "memory");
+    asm volatile("st.release.cluster.shared::cluster.b32 [%0], %1;\\n" :: "r"(remote + 8u), "r"(tag) : "memory");
+  }
   return 0;
 }
 """
@@ -62,25 +87,24 @@ __device__ __forceinline__ int lntune_cluster_publish(float a, float b, int pari
 COLLECT_SOURCE = (
     _SLOTS
     + """
-__device__ __forceinline__ float2 lntune_cluster_collect(float a, float b, int parity) {
-  asm volatile("barrier.cluster.wait.acquire.aligned;\\n" ::: "memory");
-  unsigned rank, local, remote;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\\n" : "=r"(rank));
-  local = (unsigned)__cvta_generic_to_shared(&lntune_cluster_slots()[parity]);
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\\n" : "=r"(remote) : "r"(local), "r"(rank ^ 1u));
+__device__ __forceinline__ float2 lntune_cluster_collect(float a, float b, int parity, int tag) {
+  unsigned local = (unsigned)__cvta_generic_to_shared(&lntune_cluster_slots()[parity]);
+  int seen;
+  do {
+    asm volatile("ld.acquire.cluster.shared::cta.b32 %0, [%1];\\n" : "=r"(seen) : "r"(local + 8u) : "memory");
+  } while (seen != tag);
   float ra, rb;
-  asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\\n" : "=f"(ra), "=f"(rb) : "r"(remote) : "memory");
+  asm volatile("ld.shared::cta.v2.f32 {%0, %1}, [%2];\\n" : "=f"(ra), "=f"(rb) : "r"(local) : "memory");
   return make_float2(a + ra, b + rb);
 }
 """
 )
-# A block must not exit while its partner may still read its shared memory.
-FINISH_SOURCE = """
-__device__ __forceinline__ void lntune_cluster_finish() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\\n" ::: "memory");
-  asm volatile("barrier.cluster.wait.acquire.aligned;\\n" ::: "memory");
-}
+FINISH_SOURCE = (
+    _SLOTS
+    + """
+__device__ __forceinline__ void lntune_cluster_finish() { lntune_cluster_barrier(); }
 """
+)
 
 
 def split_reduction(sch: s_tir.Schedule, block: str) -> s_tir.schedule.SBlockRV:
@@ -159,10 +183,11 @@ def _exchange(realize: s_tir.SBlockRealize, rank: tirx.Var) -> tuple[s_tir.SBloc
         values.append(tirx.BufferLoad(slot, [rank, row]))
         reads.append(tirx.BufferRegion(slot, [Range.from_min_extent(rank, 1), Range.from_min_extent(row, 1)]))
     parity = tirx.Cast("int32", tirx.truncmod(row, 2))
+    tag = tirx.Cast("int32", tirx.truncmod(row, 1 << 31))  # rows are below 2**31 (M * N elements)
     # It writes a local token: a block that writes nothing TVM runs on thread 0 only, and the
     # cluster barrier needs every thread.
     token = tirx.decl_buffer((1,), "int32", "cluster_token", scope="local")
-    arrive = cuda_func_call(PUBLISH, *values, parity, source_code=PUBLISH_SOURCE, return_type="int32")
+    arrive = cuda_func_call(PUBLISH, *values, parity, tag, source_code=PUBLISH_SOURCE, return_type="int32")
     publish = s_tir.SBlock(
         [row_iv],
         reads,
@@ -174,7 +199,7 @@ def _exchange(realize: s_tir.SBlockRealize, rank: tirx.Var) -> tuple[s_tir.SBloc
     # By value in, one float2 out into a scratch pair: handed pointers to the block's outputs, TVM
     # passed the allreduce's shared result (which it had merged them into) and every thread wrote it.
     scratch = tirx.decl_buffer((SIZE,), "float32", "cluster_pair", scope="local")
-    pair = cuda_func_call(COLLECT, *values, parity, source_code=COLLECT_SOURCE, return_type="float32x2")
+    pair = cuda_func_call(COLLECT, *values, parity, tag, source_code=COLLECT_SOURCE, return_type="float32x2")
     body = [tirx.BufferStore(scratch, pair, [tirx.Ramp(0, 1, SIZE)])]
     body += [tirx.BufferStore(s.buffer, tirx.BufferLoad(scratch, [i]), s.indices) for i, s in enumerate(stores)]
     collect = s_tir.SBlock(
@@ -204,8 +229,8 @@ def _names(stmt: tirx.Stmt) -> set[str]:
 
 def with_cluster_exchange(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """Rewrite the marked rank-sum (split_reduction) into the DSMEM exchange, with the row's
-    partial-sum updates between its publish and its collect, and end every block with a cluster
-    barrier. A function without the mark is returned as it is."""
+    partial-sum updates between its publish and its collect, and start and end every block with a
+    cluster barrier. A function without the mark is returned as it is."""
     if not _find(func.body, _is_rank_sum):
         return func
     rank = _rank_var(func)
@@ -220,7 +245,12 @@ def with_cluster_exchange(func: tirx.PrimFunc) -> tirx.PrimFunc:
             earlier = [_rewrite(s, rewrite) for s in node.seq[:at]]
             return tirx.SeqStmt([*earlier, publish, *moved, collect, *rest])
         if isinstance(node, tirx.For) and node.loop_var.same_as(rank):
-            body = tirx.SeqStmt([_rewrite(node.body, rewrite), _call(FINISH, source=FINISH_SOURCE)])
+            body = [
+                _call(START, source=START_SOURCE),
+                _rewrite(node.body, rewrite),
+                _call(FINISH, source=FINISH_SOURCE),
+            ]
+            body = tirx.SeqStmt(body)
             return tirx.For(
                 node.loop_var, node.min, node.extent, node.kind, body, node.thread_binding, node.annotations
             )

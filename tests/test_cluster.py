@@ -93,8 +93,9 @@ def test_the_cuda_kernel_is_a_cluster_of_two_over_the_grid_x(dtype):
     declarations = re.findall(rf"__global__ void .*{kernel.name}_kernel\(", source)
     assert len(declarations) == 2 and all("__cluster_dims__(2, 1, 1)" in d for d in declarations)
     body = _kernel_body(source, kernel.name)
-    calls = ("lntune_cluster_publish(", "lntune_cluster_collect(", "lntune_cluster_finish()")
-    assert [body.count(call) for call in calls] == [1, 1, 1]
+    calls = ("lntune_cluster_publish(", "lntune_cluster_collect(", "lntune_cluster_start()", "lntune_cluster_finish()")
+    assert [body.count(call) for call in calls] == [1, 1, 1, 1]
+    assert body.index("lntune_cluster_start()") < body.index("lntune_cluster_publish(")
     # Every thread reaches both halves of the barrier: no thread predicate around either call.
     lines = body.splitlines()
     for call in calls[:2]:

@@ -3,14 +3,16 @@
     python3 bench/experiments/cluster_cost.py OUT.json
 
 Times three cluster layouts as select builds them ("exchange": publish, the row's partial-sum
-updates, collect), then the same kernels with the exchange helpers replaced: "barrier only" (the
-cluster barrier, no remote read, each block doubles its own half) and "none" (no barrier either).
-The last two compute wrong dx, so they are timed, not checked: the gap between them and
-"exchange" is what the exchange costs.
+updates, collect), then the same kernels with no exchange ("none": each block doubles its own
+half's sums, so dx is wrong and only timed): the gap is what the exchange costs.
 
-Measured 2026-11-26 on the H100 with the exchange in one piece (barrier and read together, before
-the partial-sum updates): plain 270.6 / 263.4 / 212.5 us, staged + prefetched 255.3 / 264.6 /
-197.1 us (exchange / barrier only / none).
+Measured 2026-11-26 on the H100 (exchange / cluster barrier without the remote read / none):
+- one cluster barrier a row, before the partial-sum updates: plain 270.6 / 263.4 / 212.5 us,
+  staged + prefetched 255.3 / 264.6 / 197.1 us;
+- barrier arrive before the updates, wait after them: plain 280.7 / 243.5 / 203.9, two rows a
+  step 245.4 / 243.5 / 187.9, staged + prefetched 267.3 / 260.4 / 174.8 us.
+Then the exchange became the push of sums and a row tag (no barrier a row); see the results file
+of this script's latest run.
 """
 
 from __future__ import annotations
@@ -30,17 +32,15 @@ from schedules import cluster, database  # noqa: E402
 from schedules.targets import get_target  # noqa: E402
 from te_ops.layer_norm import Kernel  # noqa: E402
 
-_ARRIVE = 'asm volatile("barrier.cluster.arrive.release.aligned;\\n" ::: "memory");'
-_WAIT = 'asm volatile("barrier.cluster.wait.acquire.aligned;\\n" ::: "memory");'
-_PUBLISH = "__device__ __forceinline__ int lntune_cluster_publish(float a, float b, int parity) {{ {} return 0; }}\n"
-_COLLECT = "__device__ __forceinline__ float2 lntune_cluster_collect(float a, float b, int parity) {{ {} }}\n"
-_DOUBLE = "return make_float2(a + a, b + b);"
-# (publish, collect) sources: the product's, then without the remote read, then without the barrier.
-HELPERS = {
-    "exchange": (cluster.PUBLISH_SOURCE, cluster.COLLECT_SOURCE),
-    "barrier only": (_PUBLISH.format(_ARRIVE), _COLLECT.format(_WAIT + " " + _DOUBLE)),
-    "none": (_PUBLISH.format(""), _COLLECT.format(_DOUBLE)),
-}
+_PUBLISH = (
+    "__device__ __forceinline__ int lntune_cluster_publish(float a, float b, int parity, int tag) { return 0; }\n"
+)
+_COLLECT = (
+    "__device__ __forceinline__ float2 lntune_cluster_collect(float a, float b, int parity, int tag) "
+    "{ return make_float2(a + a, b + b); }\n"
+)
+# (publish, collect) sources: the product's, then with no exchange at all.
+HELPERS = {"exchange": (cluster.PUBLISH_SOURCE, cluster.COLLECT_SOURCE), "none": (_PUBLISH, _COLLECT)}
 LAYOUTS = {
     "plain": {},
     "plain-2rows": {"rows_per_step": 2},
