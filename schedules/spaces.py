@@ -256,8 +256,8 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     loads and two multiplies an element (54 of 884 PTX instructions, bfloat16 N = 4096).
     `cluster` (2; CUDA sm_90+) splits every row's columns over the two blocks of a thread-block
     cluster (schedules.cluster): each block caches, reduces, writes dx and accumulates partials for
-    its half, and the row sums meet through distributed shared memory. At N = 16384 a whole row
-    and its accumulators overflow one block's registers (0.54 of copy bandwidth in 16-bit).
+    its half, and the row sums meet through distributed shared memory. At N = 16384 on the H100
+    it took the 16-bit backward from 0.54 to 0.58-0.62 of copy bandwidth, float32 from 0.76 to 0.85.
     """
     gpu = target.is_gpu
     vec = vector_width(kernel, target)
@@ -642,9 +642,8 @@ def _cluster_variants(kernel: Kernel, target: TargetInfo, rule: dict) -> list[di
     """Rows split over a 2-block cluster (one_pass_backward's `cluster`): the layouts above over
     half the columns, with row scalars (where it is made, the two halves' sums meet in registers),
     rows cached or re-read, accumulators in registers or shared memory, and prefetched 1 or 2 steps
-    ahead. Measured at N = 16384 on the H100 (bench/NOTES.md): a block per SM processes one row at
-    a time whatever its width, so what a cluster can win is two blocks an SM, which register
-    accumulators for half a row at 512 threads do not leave room for."""
+    ahead. At N = 16384 on the H100 512-thread halves won (bench/NOTES.md); neighbours differed
+    by up to 2.4x (float32)."""
     if not clusterable(kernel, target):
         return []
     half = dataclasses.replace(kernel, hidden=kernel.hidden // cluster.SIZE)
