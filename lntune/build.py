@@ -14,7 +14,7 @@ from pathlib import Path
 import tvm
 
 from lntune import __version__, toolchain
-from schedules import cluster, database
+from schedules import database
 from schedules.targets import TargetInfo, get_target
 from te_ops.layer_norm import DTYPES, Kernel
 
@@ -54,30 +54,7 @@ def widen_cp_async_offsets() -> None:
         CODEGEN_REGISTRY[op] = widened
 
 
-POSTPROC = "tvm_callback_cuda_postproc"
-
-
-def mark_cluster_kernels() -> None:
-    """Have TVM's CUDA codegen mark the kernels that exchange through a thread-block cluster
-    (schedules.cluster) `__cluster_dims__`: the launch is then a cluster launch without TVM's runtime
-    knowing. Another post-processor already registered still runs first."""
-    import tvm_ffi
-
-    if getattr(mark_cluster_kernels, "done", False):
-        return
-    previous = tvm_ffi.get_global_func(POSTPROC, allow_missing=True)
-
-    def lntune_cuda_postproc(code, target):
-        code = previous(code, target) if previous is not None else code
-        return cluster.add_cluster_dims(code)
-
-    tvm_ffi.register_global_func(POSTPROC, lntune_cuda_postproc, override=True)
-    mark_cluster_kernels.done = True
-
-
-# Here, so every build that goes through lntune (export, select, Relax) has them.
-widen_cp_async_offsets()
-mark_cluster_kernels()
+widen_cp_async_offsets()  # here, so every build that goes through lntune (export, select, Relax) has it
 
 
 def compile_module(mod: tvm.IRModule, target: TargetInfo):

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import tvm
@@ -119,3 +122,24 @@ def test_cluster_dims_mark_only_the_kernels_that_exchange():
     assert marked.count("__launch_bounds__(256) __cluster_dims__(2, 1, 1) a_kernel(") == 2
     assert "void b_kernel(float* x) { x[0] = 1; }" in marked
     assert cluster.add_cluster_dims("no kernels here") == "no kernels here"
+
+
+def test_the_cluster_launch_needs_nothing_but_schedules(tmp_path):
+    """A build of a rewritten function outside lntune (tvm.compile, no lntune.build imported) still
+    marks the kernel: schedules.cluster registers the CUDA post-processor itself."""
+    script = f"""
+import sys, tvm
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from schedules import database, spaces
+from schedules.targets import get_target
+from te_ops.layer_norm import Kernel
+target = get_target("cuda-sm90")
+kernel = Kernel("backward", 16384, "bfloat16", 132)
+knobs = {{**spaces.default_knobs(kernel, target), "cluster": 2, "threads": 1024, "explicit_unroll": 0}}
+func = database.scheduled(kernel, target, knobs)
+lib = tvm.compile(tvm.IRModule({{kernel.name: func}}), target=tvm.target.Target(target.spec, host="llvm"))
+assert "lntune.build" not in sys.modules
+print("__cluster_dims__(2, 1, 1)" in lib.mod.imports[0].inspect_source())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "True"
