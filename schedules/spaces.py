@@ -667,7 +667,15 @@ def _cluster_variants(kernel: Kernel, target: TargetInfo, rule: dict) -> list[di
                 )
     cached = [k for k in layouts if k["cache_rows"]]
     ahead = _prefetchable(kernel, target, [{**k, "prefetch": depth} for k in cached for depth in PREFETCH[1:]])
-    return layouts + ahead + _occupied(kernel, layouts + ahead)
+    # Two blocks an SM asked of ptxas even where registers_needed says they spill: the 16-bit
+    # N = 16384 winners ran 512 threads at 128 registers, one block an SM (ptxas fits 64 with a
+    # 48-byte frame); not timed yet.
+    paired = [
+        {**k, "threads_per_sm": 2 * k["threads"]}
+        for k in layouts + ahead
+        if not k["shared_acc"] and 2 * k["threads"] in THREADS_PER_SM[1:]
+    ]
+    return layouts + ahead + _occupied(kernel, layouts + ahead) + paired
 
 
 def _block_hidden(kernel: Kernel, knobs: dict) -> int:
