@@ -19,11 +19,12 @@ of the same rows.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
 from tvm import s_tir, tirx
 from tvm.backend.cuda.op import cuda_func_call
 from tvm.ir import Range
+
+from schedules import tir_tree
 
 SIZE = 2  # blocks per cluster (the rank loop's extent)
 RANK_AXIS = "blockIdx.x"
@@ -123,42 +124,8 @@ def _call(name: str, *args, source: str) -> tirx.Evaluate:
     return tirx.Evaluate(cuda_func_call(name, *args, source_code=source))
 
 
-def _rewrite(stmt: tirx.Stmt, f: Callable[[tirx.Stmt], tirx.Stmt | None]) -> tirx.Stmt:
-    """`stmt` with f applied top-down to loops and blocks: where f returns a replacement, that is
-    the subtree (f recurses itself if it wants); where None, the children are rewritten. A
-    scheduled function is loops, sequences and blocks down to its leaves, which stay as they are."""
-    new = f(stmt)
-    if new is not None:
-        return new
-    if isinstance(stmt, tirx.SeqStmt):
-        return tirx.SeqStmt([_rewrite(s, f) for s in stmt.seq])
-    if isinstance(stmt, tirx.For):
-        body = _rewrite(stmt.body, f)
-        return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding, stmt.annotations)
-    if isinstance(stmt, s_tir.SBlockRealize):
-        block = stmt.block
-        fields = ("iter_vars", "reads", "writes", "name_hint")
-        rest = ("init", "alloc_buffers", "match_buffers", "annotations")
-        body = _rewrite(block.body, f)
-        new_block = s_tir.SBlock(*(getattr(block, n) for n in fields), body, *(getattr(block, n) for n in rest))
-        return s_tir.SBlockRealize(stmt.iter_values, stmt.predicate, new_block)
-    return stmt
-
-
-def _find(stmt: tirx.Stmt, match: Callable[[tirx.Stmt], bool]) -> list[tirx.Stmt]:
-    found = []
-
-    def visit(node):
-        if match(node):
-            found.append(node)
-        return None
-
-    _rewrite(stmt, visit)
-    return found
-
-
 def _rank_var(func: tirx.PrimFunc) -> tirx.Var:
-    loops = _find(
+    loops = tir_tree.find(
         func.body,
         lambda n: isinstance(n, tirx.For) and n.thread_binding is not None and n.thread_binding.thread_tag == RANK_AXIS,
     )
@@ -227,14 +194,14 @@ def _is_rank_sum(stmt: tirx.Stmt) -> bool:
 
 
 def _names(stmt: tirx.Stmt) -> set[str]:
-    return {n.block.name_hint for n in _find(stmt, lambda n: isinstance(n, s_tir.SBlockRealize))}
+    return {n.block.name_hint for n in tir_tree.find(stmt, lambda n: isinstance(n, s_tir.SBlockRealize))}
 
 
 def with_cluster_exchange(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """Rewrite the marked rank-sum (split_reduction) into the DSMEM exchange, with the row's
     partial-sum updates between its publish and its collect, and start and end every block with a
     cluster barrier. A function without the mark is returned as it is."""
-    if not _find(func.body, _is_rank_sum):
+    if not tir_tree.find(func.body, _is_rank_sum):
         return func
     rank = _rank_var(func)
 
@@ -242,24 +209,21 @@ def with_cluster_exchange(func: tirx.PrimFunc) -> tirx.PrimFunc:
         if isinstance(node, tirx.SeqStmt) and any(_is_rank_sum(s) for s in node.seq):
             at = next(i for i, s in enumerate(node.seq) if _is_rank_sum(s))
             publish, collect = _exchange(node.seq[at].body, rank)
-            later = [_rewrite(s, rewrite) for s in node.seq[at + 1 :]]
+            later = [tir_tree.rewrite(s, rewrite) for s in node.seq[at + 1 :]]
             moved = [s for s in later if _names(s) & set(INDEPENDENT)]
             rest = [s for s in later if not _names(s) & set(INDEPENDENT)]
-            earlier = [_rewrite(s, rewrite) for s in node.seq[:at]]
+            earlier = [tir_tree.rewrite(s, rewrite) for s in node.seq[:at]]
             return tirx.SeqStmt([*earlier, publish, *moved, collect, *rest])
         if isinstance(node, tirx.For) and node.loop_var.same_as(rank):
             body = [
                 _call(START, source=START_SOURCE),
-                _rewrite(node.body, rewrite),
+                tir_tree.rewrite(node.body, rewrite),
                 _call(FINISH, source=FINISH_SOURCE),
             ]
-            body = tirx.SeqStmt(body)
-            return tirx.For(
-                node.loop_var, node.min, node.extent, node.kind, body, node.thread_binding, node.annotations
-            )
+            return tir_tree.loop_with(node, tirx.SeqStmt(body))
         return None
 
-    return func.with_body(_rewrite(func.body, rewrite))
+    return func.with_body(tir_tree.rewrite(func.body, rewrite))
 
 
 _KERNEL = re.compile(r'(extern "C" __global__ void )((?:__launch_bounds__\([^)]*\) )?)(\w+)\(')

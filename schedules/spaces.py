@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from tvm import s_tir
 from tvm.tirx import AttrStmt, For, ForKind, IntImm, PrimFunc, SeqStmt
 
-from schedules import cluster
+from schedules import cluster, tir_tree
 from schedules.knobs import Recorder, annotate_unroll
 from schedules.targets import TargetInfo
 from te_ops.layer_norm import BACKWARD_STAGES, ROW_GRANULE, Kernel
@@ -427,25 +427,19 @@ def software_pipeline(sch: s_tir.Schedule, loop, producers: set[str], depth: int
 def with_launch_bounds(func: PrimFunc) -> PrimFunc:
     """Turn a MIN_BLOCKS_KEY loop annotation into the attribute TVM's CUDA codegen emits as
     `__launch_bounds__(threads, min_blocks)`. Schedules cannot place that attribute themselves."""
-    realize = func.body
-    root = realize.block
 
-    def visit(stmt):
-        if isinstance(stmt, SeqStmt):
-            return SeqStmt([visit(s) for s in stmt.seq])
-        if not isinstance(stmt, For) or MIN_BLOCKS_KEY not in stmt.annotations:
-            return stmt
+    def marked(stmt) -> bool:
+        return isinstance(stmt, For) and MIN_BLOCKS_KEY in stmt.annotations
+
+    def bounded(stmt):
+        if not marked(stmt):
+            return None
         blocks = IntImm("int32", int(stmt.annotations[MIN_BLOCKS_KEY]))
         body = AttrStmt(IntImm("int32", 0), "tirx.launch_bounds_min_blocks_per_sm", blocks, stmt.body)
         rest = {k: v for k, v in stmt.annotations.items() if k != MIN_BLOCKS_KEY}
-        return For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding, rest)
+        return tir_tree.loop_with(stmt, body, rest)
 
-    body = visit(root.body)
-    if body.same_as(root.body):
-        return func
-    fields = ("iter_vars", "reads", "writes", "name_hint", "body", "init", "alloc_buffers", "match_buffers")
-    block = s_tir.SBlock(*(body if f == "body" else getattr(root, f) for f in fields), root.annotations)
-    return func.with_body(s_tir.SBlockRealize(realize.iter_values, realize.predicate, block))
+    return func.with_body(tir_tree.rewrite(func.body, bounded)) if tir_tree.find(func.body, marked) else func
 
 
 def inline_stages(sch: s_tir.Schedule, keep: Sequence[str] = ()) -> None:

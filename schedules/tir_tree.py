@@ -1,0 +1,51 @@
+"""Rewriting a scheduled PrimFunc's tree after scheduling, where schedule primitives cannot reach
+(a launch-bounds attribute, the cluster exchange). TVM 0.27's Python has no statement mutator for
+these nodes, so this walks the part a scheduled function is made of: loops, sequences and blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tvm import s_tir, tirx
+
+Rewriter = Callable[[tirx.Stmt], "tirx.Stmt | None"]
+
+_BLOCK_FIELDS = ("iter_vars", "reads", "writes", "name_hint")
+_BLOCK_REST = ("init", "alloc_buffers", "match_buffers", "annotations")
+
+
+def loop_with(loop: tirx.For, body: tirx.Stmt, annotations=None) -> tirx.For:
+    """`loop` with another body (and annotations, when given)."""
+    annotations = loop.annotations if annotations is None else annotations
+    return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, body, loop.thread_binding, annotations)
+
+
+def rewrite(stmt: tirx.Stmt, f: Rewriter) -> tirx.Stmt:
+    """`stmt` with f applied top-down to loops, sequences and blocks: where f returns a
+    replacement, that is the subtree (f recurses itself if it wants); where None, the children
+    are rewritten. Other statements (a block's leaves) stay as they are."""
+    new = f(stmt)
+    if new is not None:
+        return new
+    if isinstance(stmt, tirx.SeqStmt):
+        return tirx.SeqStmt([rewrite(s, f) for s in stmt.seq])
+    if isinstance(stmt, tirx.For):
+        return loop_with(stmt, rewrite(stmt.body, f))
+    if isinstance(stmt, s_tir.SBlockRealize):
+        block = stmt.block
+        body = rewrite(block.body, f)
+        fields = (*(getattr(block, n) for n in _BLOCK_FIELDS), body, *(getattr(block, n) for n in _BLOCK_REST))
+        return s_tir.SBlockRealize(stmt.iter_values, stmt.predicate, s_tir.SBlock(*fields))
+    return stmt
+
+
+def find(stmt: tirx.Stmt, match: Callable[[tirx.Stmt], bool]) -> list[tirx.Stmt]:
+    """The loops, sequences and blocks under `stmt` (itself included) that `match`, in order."""
+    found = []
+
+    def visit(node):
+        if match(node):
+            found.append(node)
+
+    rewrite(stmt, visit)
+    return found
