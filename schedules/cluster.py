@@ -138,8 +138,8 @@ def _exchange(realize: s_tir.SBlockRealize, rank: tirx.Var) -> tuple[s_tir.SBloc
     """The marked block, `out[i] += slot[r, i]` over r, as two: publish `slot[rank, i]` (block
     "c_publish"), and collect own + partner into `out[i]` (block "c")."""
     block = realize.block
-    stores = [s for s in (block.body.seq if isinstance(block.body, tirx.SeqStmt) else [block.body])]
-    stores = [s for s in stores if isinstance(s, tirx.BufferStore)]
+    body = block.body.seq if isinstance(block.body, tirx.SeqStmt) else [block.body]
+    stores = [s for s in body if isinstance(s, tirx.BufferStore)]
     spatial = [(iv, v) for iv, v in zip(block.iter_vars, realize.iter_values) if iv.iter_type == tirx.IterVar.DataPar]
     if len(spatial) != 1 or len(stores) != 2 or len(block.reads) != 2:
         raise ValueError(f"cluster exchange: unexpected block {block.name_hint}")
@@ -154,8 +154,8 @@ def _exchange(realize: s_tir.SBlockRealize, rank: tirx.Var) -> tuple[s_tir.SBloc
         reads.append(tirx.BufferRegion(slot, [Range.from_min_extent(rank, 1), Range.from_min_extent(row, 1)]))
     parity = tirx.Cast("int32", tirx.truncmod(row, 2))
     tag = tirx.Cast("int32", tirx.truncmod(row, 1 << 31))  # rows are below 2**31 (M * N elements)
-    # It writes a local token: a block that writes nothing TVM runs on thread 0 only, and the
-    # cluster barrier needs every thread.
+    # It writes a local token so that every thread calls the helper (TVM runs a block that writes
+    # nothing on thread 0 only): the helper itself picks the thread that stores.
     token = tirx.decl_buffer((1,), "int32", "cluster_token", scope="local")
     arrive = cuda_func_call(PUBLISH, *values, parity, tag, source_code=PUBLISH_SOURCE, return_type="int32")
     publish = s_tir.SBlock(
@@ -209,9 +209,9 @@ def with_cluster_exchange(func: tirx.PrimFunc) -> tirx.PrimFunc:
         if isinstance(node, tirx.SeqStmt) and any(_is_rank_sum(s) for s in node.seq):
             at = next(i for i, s in enumerate(node.seq) if _is_rank_sum(s))
             publish, collect = _exchange(node.seq[at].body, rank)
-            later = [tir_tree.rewrite(s, rewrite) for s in node.seq[at + 1 :]]
-            moved = [s for s in later if _names(s) & set(INDEPENDENT)]
-            rest = [s for s in later if not _names(s) & set(INDEPENDENT)]
+            moved, rest = [], []
+            for stmt in (tir_tree.rewrite(s, rewrite) for s in node.seq[at + 1 :]):
+                (moved if _names(stmt) & set(INDEPENDENT) else rest).append(stmt)
             earlier = [tir_tree.rewrite(s, rewrite) for s in node.seq[:at]]
             return tirx.SeqStmt([*earlier, publish, *moved, collect, *rest])
         if isinstance(node, tirx.For) and node.loop_var.same_as(rank):

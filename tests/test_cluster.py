@@ -16,7 +16,7 @@ import tvm
 from lntune import inspect
 from lntune.build import compile_module
 from lntune.select import STACK_LIMIT
-from schedules import cluster, database, spaces
+from schedules import cluster, database, spaces, tir_tree
 from schedules.knobs import Fixed
 from schedules.targets import get_target
 from te_ops.layer_norm import Kernel
@@ -35,17 +35,9 @@ def _plain(knobs: dict) -> dict:
     return {**knobs, "prefetch": 0, "shared_acc": 0, "threads_per_sm": 0, "rows_per_step": 1, "cache_rows": 1}
 
 
-def _blocks(stmt, found=None) -> list:
-    found = [] if found is None else found
-    if isinstance(stmt, tvm.tirx.SeqStmt):
-        for s in stmt.seq:
-            _blocks(s, found)
-    elif isinstance(stmt, tvm.tirx.For):
-        _blocks(stmt.body, found)
-    elif isinstance(stmt, tvm.s_tir.SBlockRealize):
-        found.append(stmt.block)
-        _blocks(stmt.block.body, found)
-    return found
+def _blocks(stmt) -> list:
+    """The blocks under `stmt`, in program order."""
+    return [r.block for r in tir_tree.find(stmt, lambda n: isinstance(n, tvm.s_tir.SBlockRealize))]
 
 
 def _kernel_body(source: str, name: str) -> str:
