@@ -23,91 +23,150 @@ import re
 from tvm import s_tir, tirx
 from tvm.backend.cuda.op import cuda_func_call
 from tvm.ir import Range
+from tvm.sym import Analyzer
 
 from schedules import tir_tree
 
 SIZE = 2  # blocks per cluster (the rank loop's extent)
 RANK_AXIS = "blockIdx.x"
+CHUNK_AXIS = "blockIdx.y"  # the chunk of rows a cluster walks
 # Marks the block that adds the ranks' slots: the rewrite below replaces it, and nothing else.
 EXCHANGE_KEY = "lntune.cluster_exchange"
-PUBLISH = "lntune_cluster_publish"
-COLLECT = "lntune_cluster_collect"
-START = "lntune_cluster_start"
-FINISH = "lntune_cluster_finish"
 # Blocks that need neither c1 nor c2 (the dgamma/dbeta partial updates): the rewrite moves them
 # between a row's publish and collect, so the wait for the partner overlaps them.
 INDEPENDENT = ("dgamma_part_update", "dbeta_part_update")
 
-# Push, not pull: thread 0 stores this block's two sums into the partner's slot[parity]
-# (st.shared::cluster), then the row's tag there with release semantics; the partner's threads
-# wait for that tag in their own shared memory (ld.acquire) and read the sums. A block thus
-# waits for its partner's row sums only, not for all of the partner's threads as a cluster
-# barrier does (that cost 1-1.5 us a row, bench/NOTES.md). Rows alternate slots: a slot is
-# rewritten two rows on, after the writer saw the reader's tag of the row between, which the
-# reader's thread 0 stores after its block's row barrier (the allreduce's __syncthreads), so
-# after all its threads read the slot. Tags are the row index; slots start with -1, set before
-# a cluster barrier at the start (start), and no block exits before its partner stopped storing
-# into it (finish). Every thread of both blocks calls collect for the same rows (the rows of a
-# cluster are the same, and the row predicate is uniform).
-_SLOTS = """
-#ifndef LNTUNE_CLUSTER_SLOTS
-#define LNTUNE_CLUSTER_SLOTS
-__device__ __forceinline__ float4* lntune_cluster_slots() {
-  __shared__ float4 slots[2];  // (a, b, tag, -); one per block: shared variables of a function are static
-  return slots;
-}
+# Both protocols push, not pull: thread 0 of each block sends its two sums into the partner's
+# slot (rel % 2, `rel` the row's position in the block's chunk) and the partner's threads wait in
+# their own shared memory, so a block waits for its partner's sums only, not for all of its
+# threads as a cluster barrier a row did (1-1.5 us a row, bench/NOTES.md). A slot is rewritten
+# two rows on, only after the writer collected the row between, which the reader sent after its
+# allreduce barrier, so after all its threads read the slot. Both start and end every block with
+# a cluster barrier (nothing is sent before the partner initialised its slots, and no block
+# exits while its partner may still send into it). Every thread of both blocks calls collect for
+# the same rows (the rows of a cluster are the same, and the row predicate is uniform).
+_BARRIER = """
+#ifndef LNTUNE_CLUSTER_BARRIER
+#define LNTUNE_CLUSTER_BARRIER
 __device__ __forceinline__ void lntune_cluster_barrier() {
   asm volatile("barrier.cluster.arrive.release.aligned;\\n" ::: "memory");
   asm volatile("barrier.cluster.wait.acquire.aligned;\\n" ::: "memory");
 }
 #endif
 """
-START_SOURCE = (
-    _SLOTS
-    + """
-__device__ __forceinline__ void lntune_cluster_start() {
-  if (threadIdx.x < 2) lntune_cluster_slots()[threadIdx.x].z = __int_as_float(-1);
-  lntune_cluster_barrier();
+# "counted": st.async stores the sums into the partner's slot and counts their 8 bytes down on
+# the partner's mbarrier for that slot; the partner waits for the barrier's phase (rel / 2) % 2.
+# Each row thread 0 also arrives on its own barrier expecting the 8 bytes (one arrival a phase;
+# the bytes may land first, the count going negative meanwhile). No thread still waits on a phase
+# when its barrier completes the next phase, for the reason a slot is not overwritten early.
+# No fence: on the H100 it took the 16-bit N = 16384 backward from 219.8 to 190.0 us (bfloat16),
+# as fast as no exchange at all (bench/experiments/cluster_cost.py).
+_COUNTED = (
+    """
+__device__ __forceinline__ float2* lntune_cluster_counted_slots() {
+  __shared__ float2 slots[2];  // shared variables of a function are static: one pair a block
+  return slots;
+}
+__device__ __forceinline__ unsigned lntune_cluster_counted_bar(int rel) {
+  __shared__ unsigned long long bars[2];
+  return (unsigned)__cvta_generic_to_shared(&bars[rel & 1]);
 }
 """
-)
-PUBLISH_SOURCE = (
-    _SLOTS
+    + _BARRIER
     + """
-__device__ __forceinline__ int lntune_cluster_publish(float a, float b, int parity, int tag) {
+__device__ __forceinline__ void lntune_cluster_start_counted() {
+  if (threadIdx.x < 2) {
+    unsigned bar = lntune_cluster_counted_bar(threadIdx.x);
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\\n" :: "r"(bar) : "memory");
+  }
+  asm volatile("fence.mbarrier_init.release.cluster;\\n" ::: "memory");
+  lntune_cluster_barrier();
+}
+__device__ __forceinline__ int lntune_cluster_publish_counted(float a, float b, int rel) {
   if (threadIdx.x == 0) {
-    unsigned rank, local, remote;
+    unsigned rank, slot, bar = lntune_cluster_counted_bar(rel);
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], 8;\\n" :: "r"(bar) : "memory");
     asm volatile("mov.u32 %0, %%cluster_ctarank;\\n" : "=r"(rank));
-    local = (unsigned)__cvta_generic_to_shared(&lntune_cluster_slots()[parity]);
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\\n" : "=r"(remote) : "r"(local), "r"(rank ^ 1u));
-    asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};\\n" :: "r"(remote), "f"(a), "f"(b) : "memory");
-    asm volatile("st.release.cluster.shared::cluster.b32 [%0], %1;\\n" :: "r"(remote + 8u), "r"(tag) : "memory");
+    slot = (unsigned)__cvta_generic_to_shared(&lntune_cluster_counted_slots()[rel & 1]);
+    asm volatile("mapa.shared::cluster.u32 %0, %0, %1;\\n" : "+r"(slot) : "r"(rank ^ 1u));
+    asm volatile("mapa.shared::cluster.u32 %0, %0, %1;\\n" : "+r"(bar) : "r"(rank ^ 1u));
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.f32 [%0], {%1, %2}, [%3];\\n"
+                 :: "r"(slot), "f"(a), "f"(b), "r"(bar) : "memory");
   }
   return 0;
 }
+__device__ __forceinline__ float2 lntune_cluster_collect_counted(float a, float b, int rel) {
+  unsigned done, bar = lntune_cluster_counted_bar(rel), phase = ((unsigned)rel >> 1) & 1u;
+  do {
+    asm volatile("{\\n .reg .pred p;\\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\\n"
+                 " selp.u32 %0, 1, 0, p;\\n}\\n" : "=r"(done) : "r"(bar), "r"(phase) : "memory");
+  } while (!done);
+  float2 partner = lntune_cluster_counted_slots()[rel & 1];
+  return make_float2(a + partner.x, b + partner.y);
+}
+__device__ __forceinline__ void lntune_cluster_finish_counted() { lntune_cluster_barrier(); }
 """
 )
-COLLECT_SOURCE = (
-    _SLOTS
-    + """
-__device__ __forceinline__ float2 lntune_cluster_collect(float a, float b, int parity, int tag) {
-  unsigned local = (unsigned)__cvta_generic_to_shared(&lntune_cluster_slots()[parity]);
-  int seen;
-  do {
-    asm volatile("ld.acquire.cluster.shared::cta.b32 %0, [%1];\\n" : "=r"(seen) : "r"(local + 8u) : "memory");
-  } while (seen != tag);
-  float ra, rb;
-  asm volatile("ld.shared::cta.v2.f32 {%0, %1}, [%2];\\n" : "=f"(ra), "=f"(rb) : "r"(local) : "memory");
-  return make_float2(a + ra, b + rb);
+# "tagged": st.shared::cluster stores the sums, then the row's tag (rel; slots start at -1) with
+# st.release.cluster; the partner's threads spin on the tag (ld.acquire). The release orders every
+# earlier memory access of thread 0, its dx stores among them: 30 us of the bfloat16 kernel
+# above. It stays for row caches laid out interleaved (chunked = 0): TVM sizes those by the row's
+# span and they are registers only once ptxas promotes them, which it does not in a kernel with
+# st.async (float32 N = 16384's choice: a 48 KB stack frame, 303 -> 435 us).
+_TAGGED = (
+    """
+__device__ __forceinline__ float4* lntune_cluster_tagged_slots() {
+  __shared__ float4 slots[2];  // (a, b, tag, -)
+  return slots;
 }
 """
-)
-FINISH_SOURCE = (
-    _SLOTS
+    + _BARRIER
     + """
-__device__ __forceinline__ void lntune_cluster_finish() { lntune_cluster_barrier(); }
+__device__ __forceinline__ void lntune_cluster_start_tagged() {
+  if (threadIdx.x < 2) lntune_cluster_tagged_slots()[threadIdx.x].z = __int_as_float(-1);
+  lntune_cluster_barrier();
+}
+__device__ __forceinline__ int lntune_cluster_publish_tagged(float a, float b, int rel) {
+  if (threadIdx.x == 0) {
+    unsigned rank, slot = (unsigned)__cvta_generic_to_shared(&lntune_cluster_tagged_slots()[rel & 1]);
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\\n" : "=r"(rank));
+    asm volatile("mapa.shared::cluster.u32 %0, %0, %1;\\n" : "+r"(slot) : "r"(rank ^ 1u));
+    asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};\\n" :: "r"(slot), "f"(a), "f"(b) : "memory");
+    asm volatile("st.release.cluster.shared::cluster.b32 [%0], %1;\\n" :: "r"(slot + 8u), "r"(rel) : "memory");
+  }
+  return 0;
+}
+__device__ __forceinline__ float2 lntune_cluster_collect_tagged(float a, float b, int rel) {
+  unsigned slot = (unsigned)__cvta_generic_to_shared(&lntune_cluster_tagged_slots()[rel & 1]);
+  int seen;
+  do {
+    asm volatile("ld.acquire.cluster.shared::cta.b32 %0, [%1];\\n" : "=r"(seen) : "r"(slot + 8u) : "memory");
+  } while (seen != rel);
+  float ra, rb;
+  asm volatile("ld.shared::cta.v2.f32 {%0, %1}, [%2];\\n" : "=f"(ra), "=f"(rb) : "r"(slot) : "memory");
+  return make_float2(a + ra, b + rb);
+}
+__device__ __forceinline__ void lntune_cluster_finish_tagged() { lntune_cluster_barrier(); }
 """
 )
+PROTOCOLS = {"counted": _COUNTED, "tagged": _TAGGED}
+STEPS = ("start", "publish", "collect", "finish")
+
+
+def protocol_for(knobs: dict) -> str:
+    """The exchange a layout gets: "counted" (no fence), except for interleaved row caches."""
+    return "counted" if knobs.get("chunked") else "tagged"
+
+
+def helper(step: str, protocol: str) -> str:
+    return f"lntune_cluster_{step}_{protocol}"
+
+
+def helper_source(protocol: str) -> str:
+    """All of a protocol's helpers, behind one include guard: every call carries the source, and
+    a library whose kernels use both protocols gets each protocol's helpers once."""
+    guard = f"LNTUNE_CLUSTER_{protocol.upper()}"
+    return f"\n#ifndef {guard}\n#define {guard}\n{PROTOCOLS[protocol]}#endif\n"
 
 
 def split_reduction(sch: s_tir.Schedule, block: str) -> s_tir.schedule.SBlockRV:
@@ -124,19 +183,30 @@ def _call(name: str, *args, source: str) -> tirx.Evaluate:
     return tirx.Evaluate(cuda_func_call(name, *args, source_code=source))
 
 
-def _rank_var(func: tirx.PrimFunc) -> tirx.Var:
+def _bound_var(func: tirx.PrimFunc, axis: str) -> tirx.Var:
     loops = tir_tree.find(
         func.body,
-        lambda n: isinstance(n, tirx.For) and n.thread_binding is not None and n.thread_binding.thread_tag == RANK_AXIS,
+        lambda n: isinstance(n, tirx.For) and n.thread_binding is not None and n.thread_binding.thread_tag == axis,
     )
     if len(loops) != 1:
-        raise ValueError(f"a cluster kernel needs exactly one loop bound to {RANK_AXIS}, found {len(loops)}")
+        raise ValueError(f"a cluster kernel needs exactly one loop bound to {axis}, found {len(loops)}")
     return loops[0].loop_var
 
 
-def _exchange(realize: s_tir.SBlockRealize, rank: tirx.Var) -> tuple[s_tir.SBlockRealize, s_tir.SBlockRealize]:
+def _position_in_chunk(row_value: tirx.PrimExpr, chunk: tirx.Var) -> tirx.PrimExpr:
+    """A row's index within its block's chunk: the row binding with the chunk at 0 (rows split
+    as [chunk, rank, step, granule], so chunk * rows + position)."""
+    analyzer = Analyzer()
+    analyzer.bind(chunk, tirx.const(0, chunk.ty))
+    return analyzer.simplify(row_value)
+
+
+def _exchange(
+    realize: s_tir.SBlockRealize, rank: tirx.Var, chunk: tirx.Var, protocol: str
+) -> tuple[s_tir.SBlockRealize, s_tir.SBlockRealize]:
     """The marked block, `out[i] += slot[r, i]` over r, as two: publish `slot[rank, i]` (block
-    "c_publish"), and collect own + partner into `out[i]` (block "c")."""
+    "c_publish"), and collect own + partner into `out[i]` (block "c"). Both also bind the row's
+    position in its chunk, which names the slot and the barrier phase."""
     block = realize.block
     body = block.body.seq if isinstance(block.body, tirx.SeqStmt) else [block.body]
     stores = [s for s in body if isinstance(s, tirx.BufferStore)]
@@ -152,14 +222,17 @@ def _exchange(realize: s_tir.SBlockRealize, rank: tirx.Var) -> tuple[s_tir.SBloc
             raise ValueError(f"cluster exchange: {slot.name} does not feed {store.buffer.name}")
         values.append(tirx.BufferLoad(slot, [rank, row]))
         reads.append(tirx.BufferRegion(slot, [Range.from_min_extent(rank, 1), Range.from_min_extent(row, 1)]))
-    parity = tirx.Cast("int32", tirx.truncmod(row, 2))
-    tag = tirx.Cast("int32", tirx.truncmod(row, 1 << 31))  # rows are below 2**31 (M * N elements)
+    position = tirx.Var("v_position", row_value.ty)
+    position_iv = tirx.IterVar(row_iv.dom, position, tirx.IterVar.DataPar)
+    iter_vars, iter_values = [row_iv, position_iv], [row_value, _position_in_chunk(row_value, chunk)]
+    rel = tirx.Cast("int32", position)  # below the row count, so below 2**31 (M * N elements)
     # It writes a local token so that every thread calls the helper (TVM runs a block that writes
     # nothing on thread 0 only): the helper itself picks the thread that stores.
     token = tirx.decl_buffer((1,), "int32", "cluster_token", scope="local")
-    arrive = cuda_func_call(PUBLISH, *values, parity, tag, source_code=PUBLISH_SOURCE, return_type="int32")
+    source = helper_source(protocol)
+    arrive = cuda_func_call(helper("publish", protocol), *values, rel, source_code=source, return_type="int32")
     publish = s_tir.SBlock(
-        [row_iv],
+        iter_vars,
         reads,
         [tirx.BufferRegion(token, [Range.from_min_extent(0, 1)])],
         f"{block.name_hint}_publish",
@@ -169,11 +242,11 @@ def _exchange(realize: s_tir.SBlockRealize, rank: tirx.Var) -> tuple[s_tir.SBloc
     # By value in, one float2 out into a scratch pair: handed pointers to the block's outputs, TVM
     # passed the allreduce's shared result (which it had merged them into) and every thread wrote it.
     scratch = tirx.decl_buffer((SIZE,), "float32", "cluster_pair", scope="local")
-    pair = cuda_func_call(COLLECT, *values, parity, tag, source_code=COLLECT_SOURCE, return_type="float32x2")
+    pair = cuda_func_call(helper("collect", protocol), *values, rel, source_code=source, return_type="float32x2")
     body = [tirx.BufferStore(scratch, pair, [tirx.Ramp(0, 1, SIZE)])]
     body += [tirx.BufferStore(s.buffer, tirx.BufferLoad(scratch, [i]), s.indices) for i, s in enumerate(stores)]
     collect = s_tir.SBlock(
-        [row_iv],
+        iter_vars,
         reads,
         block.writes,
         block.name_hint,
@@ -181,7 +254,7 @@ def _exchange(realize: s_tir.SBlockRealize, rank: tirx.Var) -> tuple[s_tir.SBloc
         alloc_buffers=[scratch],
         annotations=block.annotations,
     )
-    return tuple(s_tir.SBlockRealize([row_value], realize.predicate, b) for b in (publish, collect))
+    return tuple(s_tir.SBlockRealize(iter_values, realize.predicate, b) for b in (publish, collect))
 
 
 def _is_rank_sum(stmt: tirx.Stmt) -> bool:
@@ -197,18 +270,18 @@ def _names(stmt: tirx.Stmt) -> set[str]:
     return {n.block.name_hint for n in tir_tree.find(stmt, lambda n: isinstance(n, s_tir.SBlockRealize))}
 
 
-def with_cluster_exchange(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """Rewrite the marked rank-sum (split_reduction) into the DSMEM exchange, with the row's
-    partial-sum updates between its publish and its collect, and start and end every block with a
-    cluster barrier. A function without the mark is returned as it is."""
+def with_cluster_exchange(func: tirx.PrimFunc, protocol: str = "counted") -> tirx.PrimFunc:
+    """Rewrite the marked rank-sum (split_reduction) into the DSMEM exchange of `protocol`, with
+    the row's partial-sum updates between its publish and its collect, and start and end every
+    block with a cluster barrier. A function without the mark is returned as it is."""
     if not tir_tree.find(func.body, _is_rank_sum):
         return func
-    rank = _rank_var(func)
+    rank, chunk = _bound_var(func, RANK_AXIS), _bound_var(func, CHUNK_AXIS)
 
     def rewrite(node):
         if isinstance(node, tirx.SeqStmt) and any(_is_rank_sum(s) for s in node.seq):
             at = next(i for i, s in enumerate(node.seq) if _is_rank_sum(s))
-            publish, collect = _exchange(node.seq[at].body, rank)
+            publish, collect = _exchange(node.seq[at].body, rank, chunk, protocol)
             moved, rest = [], []
             for stmt in (tir_tree.rewrite(s, rewrite) for s in node.seq[at + 1 :]):
                 (moved if _names(stmt) & set(INDEPENDENT) else rest).append(stmt)
@@ -216,9 +289,9 @@ def with_cluster_exchange(func: tirx.PrimFunc) -> tirx.PrimFunc:
             return tirx.SeqStmt([*earlier, publish, *moved, collect, *rest])
         if isinstance(node, tirx.For) and node.loop_var.same_as(rank):
             body = [
-                _call(START, source=START_SOURCE),
+                _call(helper("start", protocol), source=helper_source(protocol)),
                 tir_tree.rewrite(node.body, rewrite),
-                _call(FINISH, source=FINISH_SOURCE),
+                _call(helper("finish", protocol), source=helper_source(protocol)),
             ]
             return tir_tree.loop_with(node, tirx.SeqStmt(body))
         return None
@@ -233,7 +306,8 @@ def add_cluster_dims(code: str) -> str:
     """Mark each kernel of a CUDA source that exchanges through the cluster (its declaration and
     definition) `__cluster_dims__(2, 1, 1)`; other kernels and sources are returned as they are."""
     starts = [(m.start(), m.group(3)) for m in _KERNEL.finditer(code)] + [(len(code), "")]
-    calling = {name for (at, name), (end, _) in zip(starts, starts[1:]) if f"{COLLECT}(" in code[at:end]}
+    collects = tuple(f"{helper('collect', protocol)}(" for protocol in PROTOCOLS)
+    calling = {name for (at, name), (end, _) in zip(starts, starts[1:]) if any(c in code[at:end] for c in collects)}
     return _KERNEL.sub(
         lambda m: (
             f"{m.group(1)}{m.group(2)}__cluster_dims__({SIZE}, 1, 1) {m.group(3)}("

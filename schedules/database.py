@@ -324,5 +324,6 @@ def scheduled(kernel: Kernel, target: TargetInfo, knobs: dict) -> tvm.tirx.PrimF
     fixed = Fixed(knobs)
     spaces.apply(sch, kernel, target, fixed)
     # The exchange first: it rewrites loops and blocks, which launch bounds wrap in an attribute.
-    func = spaces.with_launch_bounds(cluster.with_cluster_exchange(sch.mod["main"]))
+    exchanged = cluster.with_cluster_exchange(sch.mod["main"], cluster.protocol_for(fixed.values))
+    func = spaces.with_launch_bounds(exchanged)
     return func.with_attr("global_symbol", kernel.name)

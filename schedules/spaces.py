@@ -373,7 +373,7 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
         sch.compute_at(gamma, outer)
         caches.append(gamma)
     if split:
-        sch.bind(chunk, "blockIdx.y")
+        sch.bind(chunk, cluster.CHUNK_AXIS)
         sch.bind(outer, cluster.RANK_AXIS)
     elif gpu:
         sch.bind(chunk, "blockIdx.x")

@@ -64,7 +64,7 @@ def test_the_rank_sum_becomes_one_exchange_per_row():
     exchange = blocks["c"]
     assert cluster.EXCHANGE_KEY in exchange.annotations
     assert all(iv.iter_type == tvm.tirx.IterVar.DataPar for iv in exchange.iter_vars)
-    assert "lntune_cluster_collect" in str(exchange.body)
+    assert cluster.helper("collect", "counted") in str(exchange.body)
     order = [b.name_hint for b in _blocks(func.body.block.body)]
     # The partial-sum updates (no need of c1, c2) wait out the partner between publish and collect.
     assert order.index("c_publish") < order.index("dgamma_part_update") < order.index("dbeta_part_update")
@@ -88,9 +88,9 @@ def test_the_cuda_kernel_is_a_cluster_of_two_over_the_grid_x(dtype):
     declarations = re.findall(rf"__global__ void .*{kernel.name}_kernel\(", source)
     assert len(declarations) == 2 and all("__cluster_dims__(2, 1, 1)" in d for d in declarations)
     body = _kernel_body(source, kernel.name)
-    calls = ("lntune_cluster_publish(", "lntune_cluster_collect(", "lntune_cluster_start()", "lntune_cluster_finish()")
+    calls = tuple(f"{cluster.helper(step, 'counted')}(" for step in ("publish", "collect", "start", "finish"))
     assert [body.count(call) for call in calls] == [1, 1, 1, 1]
-    assert body.index("lntune_cluster_start()") < body.index("lntune_cluster_publish(")
+    assert body.index(calls[2]) < body.index(calls[0])
     # Every thread reaches both halves of the barrier: no thread predicate around either call.
     lines = body.splitlines()
     for call in calls[:2]:
@@ -103,11 +103,52 @@ def test_the_cuda_kernel_is_a_cluster_of_two_over_the_grid_x(dtype):
         assert facts["stack"] <= STACK_LIMIT  # what select allows
 
 
+def test_row_caches_laid_out_in_pieces_get_the_exchange_without_a_fence():
+    """st.async (counted) where each thread's row piece is contiguous; interleaved caches keep the
+    tagged push, since with st.async in the kernel ptxas leaves them in local memory."""
+    assert cluster.protocol_for({"chunked": 1}) == "counted"
+    assert cluster.protocol_for({"chunked": 0}) == cluster.protocol_for({}) == "tagged"
+    kernel = Kernel("backward", 16384, "float32", 264)
+    knobs = {**_cluster_knobs(kernel), "chunked": 0}
+    source = compile_module(tvm.IRModule({kernel.name: database.scheduled(kernel, SM90, knobs)}), SM90)
+    body = _kernel_body(source.mod.imports[0].inspect_source(), kernel.name)
+    assert f"{cluster.helper('collect', 'tagged')}(" in body and "_counted(" not in body
+
+
+def test_the_exchange_counts_rows_from_the_start_of_the_chunk():
+    """Slots and barrier phases follow the row's position in its chunk, the same in both blocks
+    and counted from 0 in every chunk (a row index would start some chunks in phase 1)."""
+    kernel = Kernel("backward", 16384, "bfloat16", 132)
+    func = database.scheduled(kernel, SM90, _cluster_knobs(kernel))
+    publish = next(b for b in _blocks(func.body.block.body) if b.name_hint == "c_publish")
+    (row, position) = [iv.var for iv in publish.iter_vars]
+    realize = tir_tree.find(func.body, lambda n: isinstance(n, tvm.s_tir.SBlockRealize) and n.block.same_as(publish))
+    bound = {str(v) for v in realize[0].iter_values[1:]}
+    assert not any("blockIdx" in b or "i_0" in b for b in bound), bound  # no chunk, no rank
+    assert str(position) in str(publish.body) and str(row) not in str(publish.body.value.args[-1])
+
+
+@pytest.mark.skipif(not shutil.which("nvcc"), reason="needs nvcc")
+def test_one_library_may_hold_kernels_of_both_protocols():
+    """Each protocol's helpers have their own names and include guard (export builds every
+    kernel into one CUDA source): both compile, and neither kernel goes to local memory."""
+    funcs = {}
+    # float32: the layout of its N = 16384 choice (interleaved, accumulators in shared memory).
+    interleaved = {"chunked": 0, "threads": 512, "shared_acc": 1}
+    for dtype, parts, layout in (("bfloat16", 132, {}), ("float32", 264, interleaved)):
+        kernel = Kernel("backward", 16384, dtype, parts)
+        funcs[kernel.name] = database.scheduled(kernel, SM90, {**_cluster_knobs(kernel), **layout})
+    source = compile_module(tvm.IRModule(funcs), SM90).mod.imports[0].inspect_source()
+    facts = inspect.ptxas_report(inspect.compile_cubin(source.encode(), "sm_90")[1])
+    assert set(facts) == set(funcs) and all(f["stack"] <= STACK_LIMIT for f in facts.values())
+
+
 def test_cluster_dims_mark_only_the_kernels_that_exchange():
     source = (
-        "__device__ float2 lntune_cluster_collect(float a, float b, int p) { return make_float2(a, b); }\n"
+        "__device__ float2 lntune_cluster_collect_tagged(float a, float b, int p) { return make_float2(a, b); }\n"
         'extern "C" __global__ void __launch_bounds__(256) a_kernel(float* x);\n'
-        'extern "C" __global__ void __launch_bounds__(256) a_kernel(float* x) { lntune_cluster_collect(1, 2, 0); }\n'
+        'extern "C" __global__ void __launch_bounds__(256) a_kernel(float* x) {'
+        " lntune_cluster_collect_tagged(1, 2, 0); }\n"
         'extern "C" __global__ void b_kernel(float* x) { x[0] = 1; }\n'
     )
     marked = cluster.add_cluster_dims(source)
