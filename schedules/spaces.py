@@ -661,15 +661,18 @@ def _cluster_variants(kernel: Kernel, target: TargetInfo, rule: dict) -> list[di
                 )
     cached = [k for k in layouts if k["cache_rows"]]
     ahead = _prefetchable(kernel, target, [{**k, "prefetch": depth} for k in cached for depth in PREFETCH[1:]])
-    # Two blocks an SM asked of ptxas even where registers_needed says they spill: the 16-bit
-    # N = 16384 winners ran 512 threads at 128 registers, one block an SM (ptxas fits 64 with a
-    # 48-byte frame); not timed yet.
+    # Two blocks an SM asked of ptxas even where registers_needed says they spill (64 registers
+    # for 512 threads). Timed on the H100 at 16-bit N = 16384: 241-761 us against 173-184 for
+    # the best cluster layouts; they stay in the grid only so later labels keep their numbers.
     paired = [
         {**k, "threads_per_sm": 2 * k["threads"]}
         for k in layouts + ahead
         if not k["shared_acc"] and 2 * k["threads"] in THREADS_PER_SM[1:]
     ]
-    return layouts + ahead + _occupied(kernel, layouts + ahead) + paired
+    # Staged rows (stage_rows 2, the 16-bit N = 8192 winner's structure) over prefetched halves,
+    # with and without row scalars; only chunked ones, which get the counted exchange.
+    staged = [{**k, "stage_rows": 2, "row_scalars": r} for k in ahead if k["chunked"] for r in (0, 1)]
+    return layouts + ahead + _occupied(kernel, layouts + ahead) + paired + staged + _occupied(kernel, staged)
 
 
 def _block_hidden(kernel: Kernel, knobs: dict) -> int:
