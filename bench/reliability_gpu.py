@@ -2,9 +2,10 @@
 
     python3 bench/reliability_gpu.py OUT_DIR [big|determinism|index] ...
 
-- big: M = 262144, N = 8192, float16 (M·N = 2**31 elements, 4 GiB per tensor) through the exported
-  kernels, every output poisoned with NaN first, compared with a float64 reference computed in row
-  chunks on the GPU (relative norms against the float16 tolerance).
+- big: M·N = 2**31 elements (4 GiB per tensor) through the exported kernels, M = 262144, N = 8192,
+  float16 and M = 131072, N = 16384, bfloat16 (a cluster kernel), every output poisoned with NaN
+  first, compared with a float64 reference computed in row chunks on the GPU (relative norms
+  against the dtype's tolerance).
 - determinism: dx, dgamma, dbeta hashed after repeated launches in one process and in two separate
   processes (no atomics: every hash must agree).
 - index: the forward and backward built with int32 instead of int64 index arithmetic, timed against
@@ -40,12 +41,24 @@ def _poison(shape, dtype) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype, device="cuda")
 
 
+BIG_CASES = ((262144, 8192, "float16"), (131072, 16384, "bfloat16"))
+
+
 def big(out: Path) -> dict:
     """2**31 elements: the kernels index past int32 and still match the float64 reference."""
+    lib = _export(Path("/tmp/lntune-rel-big"), sorted({c[1] for c in BIG_CASES}), sorted({c[2] for c in BIG_CASES}))
+    result = {}
+    for rows, n, dtype in BIG_CASES:
+        result[f"{dtype}_n{n}_m{rows}"] = _big_case(lib, rows, n, dtype)
+        torch.cuda.empty_cache()
+    result["ok"] = all(v["ok"] for v in result.values())
+    return result
+
+
+def _big_case(lib, rows: int, n: int, dtype_name: str) -> dict:
     from te_ops.reference import TOLERANCE
 
-    rows, n, dtype = 262144, 8192, torch.float16
-    lib = _export(Path("/tmp/lntune-rel-big"), [n], ["float16"])
+    dtype = getattr(torch, dtype_name)
     gen = torch.Generator(device="cuda").manual_seed(1)
     x = (torch.randn(rows, n, device="cuda", generator=gen) * 2 + 3).to(dtype)
     dy = torch.randn(rows, n, device="cuda", generator=gen).to(dtype)
@@ -53,11 +66,11 @@ def big(out: Path) -> dict:
     beta = torch.randn(n, device="cuda", generator=gen).to(dtype)
     y, dx = _poison((rows, n), dtype), _poison((rows, n), dtype)
     mean, rstd = _poison((rows,), torch.float32), _poison((rows,), torch.float32)
-    parts = [_poison((lib.parts[(n, "float16")], n), torch.float32) for _ in range(2)]
+    parts = [_poison((lib.parts[(n, dtype_name)], n), torch.float32) for _ in range(2)]
     dgamma, dbeta = _poison((n,), dtype), _poison((n,), dtype)
-    lib.kernel("forward", n, "float16")(x, gamma, beta, EPS, y, mean, rstd)
-    lib.kernel("backward", n, "float16")(dy, x, mean, rstd, gamma, dx, *parts)
-    lib.kernel("backward_sum", n, "float16")(*parts, dgamma, dbeta)
+    lib.kernel("forward", n, dtype_name)(x, gamma, beta, EPS, y, mean, rstd)
+    lib.kernel("backward", n, dtype_name)(dy, x, mean, rstd, gamma, dx, *parts)
+    lib.kernel("backward_sum", n, dtype_name)(*parts, dgamma, dbeta)
     torch.cuda.synchronize()
     sums = {k: [0.0, 0.0] for k in ("y", "mean", "rstd", "dx")}  # squared error, squared reference
     dgamma_ref = torch.zeros(n, dtype=torch.float64, device="cuda")
@@ -88,7 +101,7 @@ def big(out: Path) -> dict:
     for name, got, want in (("dgamma", dgamma, dgamma_ref), ("dbeta", dbeta, dbeta_ref)):
         errors[name] = float(torch.linalg.norm(got.double() - want) / torch.linalg.norm(want))
     unwritten = {k: int(torch.isnan(t).sum()) for k, t in (("y", y), ("dx", dx), ("dgamma", dgamma), ("dbeta", dbeta))}
-    tol = TOLERANCE["float16"]
+    tol = TOLERANCE[dtype_name]
     ok = all(e < tol for e in errors.values()) and not any(unwritten.values())
     return {
         "rows": rows,
@@ -119,7 +132,14 @@ def _hashes(lib, n: int, dtype: str, rows: int) -> list[str]:
 
 def determinism(out: Path) -> dict:
     """Bitwise-equal results across 5 launches in a process and across two processes."""
-    cases = [(768, "bfloat16", 87381), (1024, "bfloat16", 65536), (8192, "float32", 8192), (16384, "float16", 4096)]
+    cases = [
+        (768, "bfloat16", 87381),
+        (1024, "bfloat16", 65536),
+        (8192, "float32", 8192),
+        (16384, "float16", 4096),  # cluster kernels: the counted exchange
+        (16384, "bfloat16", 4096),
+        (16384, "float32", 4096),  # and the tagged one
+    ]
     lib_dir = Path("/tmp/lntune-rel-det")
     _export(lib_dir, sorted({c[0] for c in cases}), sorted({c[1] for c in cases}))
     runs = []
