@@ -150,7 +150,6 @@ __device__ __forceinline__ void lntune_cluster_finish_tagged() { lntune_cluster_
 """
 )
 PROTOCOLS = {"counted": _COUNTED, "tagged": _TAGGED}
-STEPS = ("start", "publish", "collect", "finish")
 
 
 def protocol_for(knobs: dict) -> str:
