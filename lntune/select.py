@@ -296,8 +296,9 @@ def select(
 
 def select_parts(target_name: str, hidden: list[int], dtypes: list[str], elements: int = 1 << 26, log=print) -> Path:
     """Choose P per (N, dtype): time the backward and its partials sum at every
-    spaces.parts_candidates P with today's knobs, keep the P with the least total in selection.json
-    (read by build.kernels_for), and give the kernels at that P verdicts with the knobs timed."""
+    spaces.parts_candidates P (counted in blocks of a cluster kernel's chunk) with today's knobs,
+    keep the P with the least total in selection.json (read by build.kernels_for), and give the
+    kernels at that P verdicts with the knobs timed."""
     target = get_target(target_name)
     folder = database.TUNING_LOGS / target.name
     path = folder / SELECTION
@@ -305,11 +306,12 @@ def select_parts(target_name: str, hidden: list[int], dtypes: list[str], element
     plan, sources = {}, {}
     for n in hidden:
         for dtype in dtypes:
-            for kernel in kernels_for(n, dtype, target, database.selected_parts(target, n, dtype, selection)):
-                if not kernel.op.startswith("backward"):
-                    continue
-                choice = database.choose(kernel, target, records, selection)
-                for moved in (replace(kernel, parts=parts) for parts in spaces.parts_candidates(target)):
+            kernels = kernels_for(n, dtype, target, database.selected_parts(target, n, dtype, selection))
+            backward = [k for k in kernels if k.op.startswith("backward")]
+            choices = {k: database.choose(k, target, records, selection) for k in backward}
+            blocks = max(choice.knobs.get("cluster", 0) or 1 for choice in choices.values())
+            for kernel, choice in choices.items():
+                for moved in (replace(kernel, parts=parts) for parts in spaces.parts_candidates(target, blocks)):
                     plan[moved], sources[moved] = {"today": choice.knobs}, choice.source
     timed: dict[tuple[int, str], dict[int, dict[str, float]]] = {}
     rows_of = {}

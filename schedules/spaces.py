@@ -97,9 +97,13 @@ def parts_for(target: TargetInfo, hidden: int, dtype: str) -> int:
 PARTS_WAVES = (1, 2, 4, 8)  # P candidates, in multiples of the SM/CU count (lntune select --parts)
 
 
-def parts_candidates(target: TargetInfo) -> list[int]:
-    """The P values `lntune select --parts` times: a few blocks per SM or CU (CPUs: the rule's only)."""
-    return [waves * target.cores for waves in PARTS_WAVES] if target.is_gpu else [parts_for(target, 1, "float32")]
+def parts_candidates(target: TargetInfo, blocks_per_chunk: int = 1) -> list[int]:
+    """The P values `lntune select --parts` times: a few blocks per SM or CU (CPUs: the rule's only).
+    A chunk of a cluster kernel is `blocks_per_chunk` blocks, so its P counts in those: at 16-bit
+    N = 16384 one 1024-thread block fits an SM, and P = SMs / 2 is one wave."""
+    if not target.is_gpu:
+        return [parts_for(target, 1, "float32")]
+    return [waves * target.cores // blocks_per_chunk for waves in PARTS_WAVES]
 
 
 def is_const_int(expr, value: int) -> bool:

@@ -205,7 +205,7 @@ def test_select_parts_keeps_the_fastest_p_and_export_builds_at_it(tmp_path, monk
     the runner all take that P, with correct results where chunks end mid-matrix."""
     (tmp_path / "llvm").mkdir()
     monkeypatch.setattr(database, "TUNING_LOGS", tmp_path)
-    monkeypatch.setattr(spaces, "parts_candidates", lambda target: [16, 6])
+    monkeypatch.setattr(spaces, "parts_candidates", lambda target, blocks=1: [16, 6])
     sel.select_parts("llvm", [64], ["float32"], elements=64 * 40, log=lambda *_: None)
     selection = json.loads((tmp_path / "llvm" / "selection.json").read_text())
     entry = selection[database.parts_key(64, "float32")]
@@ -341,3 +341,10 @@ def test_parallel_select_merges_each_jobs_changes_and_reports_a_clash(tmp_path):
     assert "parts:float32:n64: changed by jobs 0 and 1; job 0's entry kept" in done.stdout
     assert "P=" in (tmp_path / "out" / "select-job1.txt").read_text()
     assert json.loads((tmp_path / "out" / "selection.json").read_text()) == merged
+
+
+def test_p_of_a_cluster_kernel_counts_in_its_blocks():
+    """A chunk of a cluster kernel is two blocks: its P candidates start at one block an SM."""
+    target = get_target("cuda-sm90")
+    single, paired = spaces.parts_candidates(target), spaces.parts_candidates(target, 2)
+    assert paired == [p // 2 for p in single] and paired[0] == target.cores // 2
