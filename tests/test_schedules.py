@@ -224,7 +224,8 @@ def test_committed_cuda_logs_give_tuned_backward_kernels():
             for k in kernels_for(n, "float32", target)
             if k.op == "backward"
         ]
-    assert all(s.startswith("tuned:") for s in sources), sources
+    # A record tuned at another P (select --parts moved float32 N = 16384 to P = 132) transfers.
+    assert all(s.startswith(("tuned:", "transfer:p")) for s in sources), sources
 
 
 def _cuda_source(kernel, knobs) -> str:
