@@ -24,6 +24,7 @@ from tvm import s_tir, tirx
 from tvm.backend.cuda.op import cuda_func_call
 from tvm.ir import Range
 from tvm.sym import Analyzer
+from tvm.tirx.analysis import undefined_vars
 
 from schedules import tir_tree
 
@@ -197,7 +198,14 @@ def _position_in_chunk(row_value: tirx.PrimExpr, chunk: tirx.Var) -> tirx.PrimEx
     as [chunk, rank, step, granule], so chunk * rows + position)."""
     analyzer = Analyzer()
     analyzer.bind(chunk, tirx.const(0, chunk.ty))
-    return analyzer.simplify(row_value)
+    position = analyzer.simplify(row_value)
+    # The start must not move with the loops that walk the chunk, or the blocks' slots and phases
+    # would not follow the rows one by one.
+    start = Analyzer().simplify(row_value - position)
+    walking = undefined_vars(position)
+    if any(v.same_as(w) for v in undefined_vars(start) for w in walking):
+        raise ValueError(f"cluster exchange: row {row_value} is not a chunk's start plus a position")
+    return position
 
 
 def _exchange(

@@ -128,6 +128,15 @@ def test_the_exchange_counts_rows_from_the_start_of_the_chunk():
     assert str(position) in str(publish.body) and str(row) not in str(publish.body.value.args[-1])
 
 
+def test_a_row_that_is_not_a_chunk_start_plus_a_position_is_refused():
+    rows = tvm.tirx.Var("M", "int64")
+    chunk, step, granule = (tvm.tirx.Var(name, "int64") for name in ("chunk", "step", "granule"))
+    row = chunk * ((rows + 263) // 264 * 2) + step * 2 + granule
+    assert str(cluster._position_in_chunk(row, chunk)) == str(step * 2 + granule)
+    with pytest.raises(ValueError, match="not a chunk's start plus a position"):
+        cluster._position_in_chunk(row * (step + 1), chunk)
+
+
 @pytest.mark.skipif(not shutil.which("nvcc"), reason="needs nvcc")
 def test_one_library_may_hold_kernels_of_both_protocols():
     """Each protocol's helpers have their own names and include guard (export builds every
