@@ -261,7 +261,7 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     `cluster` (2; CUDA sm_90+) splits every row's columns over the two blocks of a thread-block
     cluster (schedules.cluster): each block caches, reduces, writes dx and accumulates partials for
     its half, and the row sums meet through distributed shared memory. At N = 16384 on the H100
-    it took the 16-bit backward from 0.54 to 0.69-0.75 of copy bandwidth, float32 from 0.76 to 0.84.
+    it took the 16-bit backward from 0.54 to 0.73-0.78 of copy bandwidth, float32 from 0.76 to 0.87.
     """
     gpu = target.is_gpu
     vec = vector_width(kernel, target)
