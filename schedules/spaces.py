@@ -275,7 +275,7 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     threads_per_sm = knobs.structural(sch, "threads_per_sm", THREADS_PER_SM if target.family == "cuda" else (0,))
     # Never sampled by tuning (structures() leaves it 0): records from before it replay unchanged.
     split = knobs.structural(sch, "cluster", CLUSTER if clusterable(kernel, target) else (0,))
-    per_block = dataclasses.replace(kernel, hidden=kernel.hidden // split) if split else kernel
+    per_block = _block_kernel(kernel, split)
     threads = 1
     if gpu:
         cands = thread_candidates(per_block, target, max_per_thread=32 if cache_rows else 64)
@@ -644,7 +644,7 @@ def _cluster_variants(kernel: Kernel, target: TargetInfo, rule: dict) -> list[di
     by up to 2.4x (float32)."""
     if not clusterable(kernel, target):
         return []
-    half = dataclasses.replace(kernel, hidden=kernel.hidden // cluster.SIZE)
+    half = _block_kernel(kernel, cluster.SIZE)
     half_rule = default_knobs(half, target)
     layouts = []
     for cache_rows, shared_acc in ((1, 0), (1, 1), (0, 0), (0, 1)):
@@ -679,9 +679,15 @@ def _cluster_variants(kernel: Kernel, target: TargetInfo, rule: dict) -> list[di
     return layouts + ahead + _occupied(kernel, layouts + ahead) + paired + staged + _occupied(kernel, staged)
 
 
+def _block_kernel(kernel: Kernel, split: int) -> Kernel:
+    """`kernel` as far as one thread block sees it: its rows' columns split over `split` blocks
+    of a cluster (0: one block, the whole row)."""
+    return dataclasses.replace(kernel, hidden=kernel.hidden // split) if split else kernel
+
+
 def _block_hidden(kernel: Kernel, knobs: dict) -> int:
     """The columns of a row that one thread block handles (half of them in a cluster)."""
-    return kernel.hidden // (knobs.get("cluster") or 1)
+    return _block_kernel(kernel, knobs.get("cluster") or 0).hidden
 
 
 def registers_needed(kernel: Kernel, knobs: dict) -> int:
