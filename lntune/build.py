@@ -14,7 +14,7 @@ from pathlib import Path
 import tvm
 
 from lntune import __version__, toolchain
-from schedules import database
+from schedules import database, dependent_launch
 from schedules.targets import TargetInfo, get_target
 from te_ops.layer_norm import DTYPES, Kernel
 
@@ -58,9 +58,11 @@ widen_cp_async_offsets()  # here, so every build that goes through lntune (expor
 
 
 def compile_module(mod: tvm.IRModule, target: TargetInfo):
-    """tvm.compile for `target` with the host as LLVM and lntune's pass configuration."""
+    """tvm.compile for `target` with the host as LLVM, lntune's pass configuration and its TIR
+    pipeline (TVM's, plus the launch flag of dependent kernels)."""
     with tvm.transform.PassContext(config=PASS_CONFIG):
-        return tvm.compile(mod, target=tvm.target.Target(target.spec, host="llvm"))
+        target = tvm.target.Target(target.spec, host="llvm")
+        return tvm.compile(mod, target=target, tir_pipeline=dependent_launch.PIPELINE)
 
 
 def kernels_for(hidden: int, dtype: str, target: TargetInfo, parts: int | None = None) -> list[Kernel]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import tvm
 import tvm_ffi
 
-from schedules import cluster, spaces
+from schedules import cluster, dependent_launch, spaces
 from schedules.knobs import IMPLICIT_UNROLL_KEY, Fixed, Recorder
 from schedules.targets import TargetInfo
 from te_ops.layer_norm import Kernel
@@ -318,12 +318,19 @@ def _knobs_of(kernel: Kernel, target: TargetInfo, decisions: tuple[int, ...], st
     return replay.used
 
 
+# The sum is launched as a programmatic dependent of the backward: 1.3-1.5 us less a pair on the
+# H100. The backward does not allow it early: that cost up to 9 us (bench/NOTES.md, session 10).
+LAUNCH_ROLES = {"backward_sum": "dependent"}
+
+
 def scheduled(kernel: Kernel, target: TargetInfo, knobs: dict) -> tvm.tirx.PrimFunc:
     """The symbolic-M PrimFunc of `kernel` scheduled with the given knob values."""
     sch = tvm.s_tir.Schedule(kernel.prim_func())
     fixed = Fixed(knobs)
     spaces.apply(sch, kernel, target, fixed)
     # The exchange first: it rewrites loops and blocks, which launch bounds wrap in an attribute.
-    exchanged = cluster.with_cluster_exchange(sch.mod["main"], cluster.protocol_for(fixed.values))
-    func = spaces.with_launch_bounds(exchanged)
+    func = cluster.with_cluster_exchange(sch.mod["main"], cluster.protocol_for(fixed.values))
+    if target.has_dependent_launch and kernel.op in LAUNCH_ROLES:
+        func = dependent_launch.with_dependency(func, LAUNCH_ROLES[kernel.op])
+    func = spaces.with_launch_bounds(func)
     return func.with_attr("global_symbol", kernel.name)

@@ -30,6 +30,11 @@ class TargetInfo:
         """Thread-block clusters with distributed shared memory: NVIDIA sm_90 and later."""
         return self.family == "cuda" and int(self.spec["arch"].removeprefix("sm_").rstrip("a")) >= 90
 
+    @property
+    def has_dependent_launch(self) -> bool:
+        """Programmatic dependent launch (griddepcontrol): NVIDIA sm_90 and later, as clusters."""
+        return self.has_clusters
+
     def tvm_target(self) -> tvm.target.Target:
         return tvm.target.Target(self.spec)
 
