@@ -25,8 +25,11 @@ from schedules.targets import TargetInfo
 from te_ops.layer_norm import BACKWARD_STAGES, ROW_GRANULE, Kernel
 
 ROWS_PER_BLOCK = (1, 2, 4, 8)
-SUM_COLUMNS = (32, 64, 128, 256)
-SUM_LANES = (1, 2, 4, 8, 16, 32)  # columns x lanes > max_threads is rejected by VerifyGPUCode
+# Knob values are appended, never inserted, so tuned decisions and variant labels keep their meaning.
+# A column slice of 8 floats is one 32-byte sector: narrow slices give short rows more blocks.
+SUM_COLUMNS = (32, 64, 128, 256, 8, 16)
+SUM_LANES = (1, 2, 4, 8, 16, 32, 64, 128)  # columns x lanes > max_threads is rejected by VerifyGPUCode
+_FIRST_SUM_GRID = (4, 6)  # how many of each the first sessions' variant labels were numbered over
 UNROLL_STEPS = (0, 16, 64, 512)
 ROWS_PER_STEP = (1, ROW_GRANULE)  # backward rows whose x and dy are loaded together (a structural knob)
 STAGE_ROWS = (0, 1, 2)  # backward stages kept in registers (see one_pass_backward)
@@ -741,16 +744,22 @@ def _occupied(kernel: Kernel, group: list[dict]) -> list[dict[str, int]]:
     return [{**knobs, "threads_per_sm": t} for knobs in group for t in _occupancies(kernel, knobs)]
 
 
+def _is_later_split(split: tuple[int, int]) -> bool:
+    columns, lanes = split
+    return SUM_COLUMNS.index(columns) >= _FIRST_SUM_GRID[0] or SUM_LANES.index(lanes) >= _FIRST_SUM_GRID[1]
+
+
 def _sum_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[dict[str, int]]:
     """Every columns x lanes split of a partials sum that fits a block (the rule's is one of them).
 
-    The sum moves 2·P·N·4 bytes, a few us of a 150-350 us backward, yet measured 9-24 us: the best
-    split depends on N and P (bench/NOTES.md), and there are only 18 of them.
+    The sum moves 2·P·N·4 bytes, a few us of a 150-350 us backward, yet measured 4-24 us: the best
+    split depends on N and P (bench/NOTES.md). The first grid's splits come first, so their labels
+    stay what committed selections say.
     """
+    splits = sorted(((c, lanes) for c in SUM_COLUMNS for lanes in SUM_LANES), key=_is_later_split)
     return [
         {**base, "threads": columns, "lanes": lanes}
-        for columns in SUM_COLUMNS
-        for lanes in SUM_LANES
+        for columns, lanes in splits
         if columns * lanes <= target.max_threads and (columns, lanes) != (base["threads"], base["lanes"])
     ]
 

@@ -36,7 +36,10 @@ def test_partials_sum_candidates_are_every_split_that_fits_a_block():
     kernel = Kernel("backward_sum", 16384, "float32", spaces.parts_for(target, 16384, "float32"))
     labelled, _source = sel.candidates(kernel, target, records={})
     splits = {(k["threads"], k["lanes"]) for k in labelled.values()}
-    assert len(splits) == len(labelled) == 18 and all(c * lanes <= 1024 for c, lanes in splits)
+    assert len(splits) == len(labelled) == 33 and all(c * lanes <= 1024 for c, lanes in splits)
+    # The first grid's 18 splits keep the labels committed selections name.
+    first = [(k["threads"], k["lanes"]) for k in list(labelled.values())[:18]]
+    assert {c for c, _ in first} == {32, 64, 128, 256} and max(lanes for _, lanes in first) == 32
     for knobs in labelled.values():  # each passes TVM's GPU checks
         mod = tvm.IRModule({kernel.name: database.scheduled(kernel, target, knobs)})
         tvm.compile(mod, target=tvm.target.Target(target.spec, host="llvm"))
