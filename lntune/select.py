@@ -8,7 +8,8 @@ variants around them (schedules.spaces.variants). A CUDA candidate whose ptxas r
 stack frame past STACK_LIMIT is left out. Every candidate is first run on poisoned outputs and
 compared with the baseline's results (today's choice's, where the baseline does not build).
 Candidates within TIE of the fastest are timed again at SMALL_ROWS rows, where the fastest of them
-wins. The winner per kernel goes to
+wins. A partials sum is timed right after today's backward, as the pair runs (its time is the
+pair's less the backward's). The winner per kernel goes to
 tuning_logs/<target>/selection.json, which `schedules.database.choose` obeys.
 """
 
@@ -18,6 +19,7 @@ import json
 import multiprocessing
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -174,12 +176,50 @@ def _run_once(module, name: str, args: list, outputs: list[int]) -> list[np.ndar
     return [args[index].numpy() for index in outputs]
 
 
-def _measure(kernel: Kernel, paths: dict[str, str], rows: int, device, rng, log) -> dict[str, float]:
-    """label -> median us of every candidate that agrees with the first one (the reference)."""
+def _queued_us(calls, device, number: int = 20, repeat: int = 5) -> float:
+    """Median us of one round of `calls`, `number` rounds queued back to back, by the host's clock
+    between device syncs (the device's time where, as for a backward, it exceeds the host's)."""
+    rounds = []
+    for _ in range(repeat):
+        device.sync()
+        start = time.perf_counter()
+        for _ in range(number):
+            for call in calls:
+                call()
+        device.sync()
+        rounds.append((time.perf_counter() - start) / number)
+    return float(np.median(rounds)) * 1e6
+
+
+def _after_backward(sum_kernel: Kernel, backward_path: str, rows: int, device, rng) -> tuple[list, object]:
+    """The sum's arguments with its partials the ones the backward writes, and a call of the backward."""
+    backward = _followed(sum_kernel)
+    backward_args = device_arguments(backward, rows, device, rng)
+    by_name = dict(zip((p.name for p in backward.prim_func().params), backward_args, strict=True))
+    names = [p.name for p in sum_kernel.prim_func().params]
+    own = device_arguments(sum_kernel, rows, device, rng)
+    sum_args = [by_name[name] if name.endswith("_part") else arg for name, arg in zip(names, own, strict=True)]
+    function = tvm.runtime.load_module(backward_path)[backward.name]
+    return sum_args, lambda: function(*backward_args)
+
+
+def _measure(
+    kernel: Kernel, paths: dict[str, str], rows: int, device, rng, log, backward_path: str = ""
+) -> dict[str, float]:
+    """label -> median us of every candidate that agrees with the first one (the reference).
+
+    With `backward_path` (a partials sum's), each candidate is timed right after that backward, on
+    the partials it just wrote, as the two run in lntune; the time is the pair's less the
+    backward's alone. Timed alone, a sum reads partials that earlier calls left in L2 and skips the
+    launch behind a kernel: a new split ran 0.7 us faster alone but 4.4 us faster in the pair
+    (bfloat16 N = 1024, bench/NOTES.md)."""
     args = device_arguments(kernel, rows, device, rng)
     names = [p.name for p in kernel.prim_func().params]
     outputs = [names.index(name) for name in output_names(kernel)]
     reference, times = None, {}
+    if backward_path:
+        pair_args, backward = _after_backward(kernel, backward_path, rows, device, rng)
+        alone = _queued_us([backward], device)
     for label, path in paths.items():
         module = tvm.runtime.load_module(path)
         try:
@@ -195,7 +235,11 @@ def _measure(kernel: Kernel, paths: dict[str, str], rows: int, device, rng, log)
         if not distance <= AGREEMENT[kernel.dtype]:
             log(f"{kernel.name} {label}: left out, outputs differ from the reference's by {distance:.2e}")
             continue
-        times[label] = _median_us(module, kernel.name, args, device)
+        if backward_path:
+            function = module[kernel.name]
+            times[label] = _queued_us([backward, lambda f=function: f(*pair_args)], device) - alone
+        else:
+            times[label] = _median_us(module, kernel.name, args, device)
     return times
 
 
@@ -209,6 +253,19 @@ class Timed:
     us: dict[str, float]
     small_rows: int = 0
     small_us: dict[str, float] = field(default_factory=dict)
+
+
+FOLLOWED = "followed"  # the label of the backward a partials sum is timed after
+
+
+def _followed(sum_kernel: Kernel) -> Kernel:
+    return Kernel("backward", sum_kernel.hidden, sum_kernel.dtype, sum_kernel.parts)
+
+
+def _backwards_followed(target: TargetInfo, plan: dict[Kernel, dict[str, dict]]) -> dict[Kernel, dict[str, dict]]:
+    """The backward (today's choice) each partials sum of `plan` is timed after."""
+    sums = [k for k in plan if k.op == "backward_sum"]
+    return {_followed(k): {FOLLOWED: database.choose(_followed(k), target).knobs} for k in sums}
 
 
 def time_plan(
@@ -226,6 +283,7 @@ def time_plan(
     device, rng = target.device(), np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="lntune-select-") as scratch:
         built = _build_all(target, plan, scratch, log)
+        followed = _build_all(target, _backwards_followed(target, plan), scratch, log)
         for kernel, labelled in plan.items():
             paths = {label: built[kernel, label] for label in labelled if (kernel, label) in built}
             if not paths:
@@ -235,9 +293,12 @@ def time_plan(
             if first not in paths:
                 log(f"{kernel.name}: {first} did not build; {next(iter(paths))} is the reference")
             rows = max(1, elements // kernel.hidden)
-            timed = Timed(kernel, rows, _measure(kernel, paths, rows, device, rng, log))
+            backward_path = followed.get((_followed(kernel), FOLLOWED), "") if kernel.op == "backward_sum" else ""
+            timed = Timed(kernel, rows, _measure(kernel, paths, rows, device, rng, log, backward_path))
             close = tied(timed.us)
-            if small_rows and len(close) > 1:
+            # A sum's time does not depend on M (it reads P rows); after a backward of 1024 rows
+            # the host's launches, not the device, would set it.
+            if small_rows and len(close) > 1 and not backward_path:
                 timed.small_rows = small_rows
                 timed.small_us = _measure(
                     kernel, {label: paths[label] for label in close}, small_rows, device, rng, log

@@ -193,7 +193,7 @@ def test_time_plan_times_only_the_tied_candidates_again_at_small_m(monkeypatch):
     large = {"baseline": 100.0, "close": 100.0 * (1 + sel.TIE), "far": 100.0 * (1 + sel.TIE) + 0.1}
     calls = []
 
-    def fake_measure(kernel, paths, rows, device, rng, log):
+    def fake_measure(kernel, paths, rows, device, rng, log, backward_path=""):
         calls.append((rows, sorted(paths)))
         return {label: large[label] if rows == 37 else 1.0 for label in paths}
 
@@ -201,6 +201,29 @@ def test_time_plan_times_only_the_tied_candidates_again_at_small_m(monkeypatch):
     (timed,) = sel.time_plan(target, plan, elements=64 * 37, small_rows=5)
     assert calls == [(37, ["baseline", "close", "far"]), (5, ["baseline", "close"])]
     assert timed.small_rows == 5 and timed.small_us == {"baseline": 1.0, "close": 1.0}
+
+
+def test_a_partials_sum_is_timed_after_the_backward_that_writes_its_partials(monkeypatch):
+    """The sum's candidates run right after today's backward, on the partials it just wrote, and
+    are not timed again at small M (their time does not depend on M)."""
+    target = get_target("llvm")
+    kernel = Kernel("backward_sum", 64, "float32", 16)
+    base = database.baseline_knobs(kernel, target)
+    pairs = []
+
+    def spy(*args):
+        pairs.append(real(*args))
+        return pairs[-1]
+
+    real = sel._after_backward
+    monkeypatch.setattr(sel, "_after_backward", spy)
+    (timed,) = sel.time_plan(target, {kernel: {"baseline": base, "again": base}}, elements=64 * 40, small_rows=5)
+    assert set(timed.us) == {"baseline", "again"} and not timed.small_us
+    ((sum_args, backward),) = pairs
+    for partials in sum_args[:2]:
+        partials.copyfrom(np.full(partials.shape, np.nan, dtype="float32"))
+    backward()
+    assert all(np.isfinite(partials.numpy()).all() for partials in sum_args[:2])
 
 
 def test_select_parts_keeps_the_fastest_p_and_export_builds_at_it(tmp_path, monkeypatch):
