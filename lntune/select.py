@@ -263,9 +263,14 @@ def _followed(sum_kernel: Kernel) -> Kernel:
 
 
 def _backwards_followed(target: TargetInfo, plan: dict[Kernel, dict[str, dict]]) -> dict[Kernel, dict[str, dict]]:
-    """The backward (today's choice) each partials sum of `plan` is timed after."""
-    sums = [k for k in plan if k.op == "backward_sum"]
-    return {_followed(k): {FOLLOWED: database.choose(_followed(k), target).knobs} for k in sums}
+    """The backward each partials sum of `plan` is timed after: the one `plan` times as "today"
+    (select --parts, at each P), else today's choice."""
+    followed = {}
+    for kernel in (k for k in plan if k.op == "backward_sum"):
+        backward = _followed(kernel)
+        knobs = plan.get(backward, {}).get("today") or database.choose(backward, target).knobs
+        followed[backward] = {FOLLOWED: knobs}
+    return followed
 
 
 def time_plan(
