@@ -20,7 +20,7 @@ import multiprocessing
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -191,7 +191,9 @@ def _queued_us(calls, device, number: int = 20, repeat: int = 5) -> float:
     return float(np.median(rounds)) * 1e6
 
 
-def _after_backward(sum_kernel: Kernel, backward_path: str, rows: int, device, rng) -> tuple[list, object]:
+def _after_backward(
+    sum_kernel: Kernel, backward_path: str, rows: int, device, rng
+) -> tuple[list, Callable[[], object]]:
     """The sum's arguments with its partials the ones the backward writes, and a call of the backward."""
     backward = _followed(sum_kernel)
     backward_args = device_arguments(backward, rows, device, rng)

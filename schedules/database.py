@@ -319,7 +319,7 @@ def _knobs_of(kernel: Kernel, target: TargetInfo, decisions: tuple[int, ...], st
 
 
 # The sum is launched as a programmatic dependent of the backward: 1.3-1.5 us less a pair on the
-# H100. The backward does not allow it early: that cost up to 9 us (bench/NOTES.md, session 10).
+# H100. The backward does not allow it early: that cost up to 6 us (bench/NOTES.md, session 10).
 LAUNCH_ROLES = {"backward_sum": "dependent"}
 
 

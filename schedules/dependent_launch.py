@@ -8,11 +8,10 @@ signalled; its threads wait for the backward's grid to complete and its writes t
 dependent_launch.py): 1.3-1.5 us less per backward + sum, outputs bitwise equal.
 
 A primary may also allow the launch earlier (`griddepcontrol.launch_dependents`, role "primary"):
-from the start of the backward's blocks it cost up to 9 us (not understood; the sum's waiting
-blocks then sit on SMs the backward still runs on), so lntune does not use it; the experiment
-still builds it.
-Without a dependency (the sum called on its own, or after any other kernel) the wait returns at
-once.
+from the start of the backward's blocks it cost up to 6 us a pair (9 in a first run; not
+understood, the sum's waiting blocks then sit on SMs the backward still runs on), so lntune does
+not use it; the experiment still builds it. Without a dependency (the sum called on its own, or
+after any other kernel) the wait returns at once.
 
 Two places carry it: the kernels' bodies (`with_dependency`, in TIR, at the top of the outermost
 thread-bound loop) and the sum's launch. TVM's runtime sets the launch attribute for a kernel
