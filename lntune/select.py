@@ -192,17 +192,17 @@ def _queued_us(calls, device, number: int = 20, repeat: int = 5) -> float:
 
 
 def _after_backward(
-    sum_kernel: Kernel, backward_path: str, rows: int, device, rng
+    sum_kernel: Kernel, sum_args: list, backward_path: str, rows: int, device, rng
 ) -> tuple[list, Callable[[], object]]:
-    """The sum's arguments with its partials the ones the backward writes, and a call of the backward."""
+    """`sum_args` with the partials the backward writes in place of the sum's own, and a call of
+    the backward (on its own fresh arguments)."""
     backward = _followed(sum_kernel)
     backward_args = device_arguments(backward, rows, device, rng)
     by_name = dict(zip((p.name for p in backward.prim_func().params), backward_args, strict=True))
     names = [p.name for p in sum_kernel.prim_func().params]
-    own = device_arguments(sum_kernel, rows, device, rng)
-    sum_args = [by_name[name] if name.endswith("_part") else arg for name, arg in zip(names, own, strict=True)]
+    pair_args = [by_name[name] if name.endswith("_part") else arg for name, arg in zip(names, sum_args, strict=True)]
     function = tvm.runtime.load_module(backward_path)[backward.name]
-    return sum_args, lambda: function(*backward_args)
+    return pair_args, lambda: function(*backward_args)
 
 
 def _measure(
@@ -220,7 +220,7 @@ def _measure(
     outputs = [names.index(name) for name in output_names(kernel)]
     reference, times = None, {}
     if backward_path:
-        pair_args, backward = _after_backward(kernel, backward_path, rows, device, rng)
+        pair_args, backward = _after_backward(kernel, args, backward_path, rows, device, rng)
         alone = _queued_us([backward], device)
     for label, path in paths.items():
         module = tvm.runtime.load_module(path)
@@ -257,22 +257,31 @@ class Timed:
     small_us: dict[str, float] = field(default_factory=dict)
 
 
-FOLLOWED = "followed"  # the label of the backward a partials sum is timed after
+FOLLOWED = "followed"  # the label of a backward built only for the sums timed after it
 
 
 def _followed(sum_kernel: Kernel) -> Kernel:
     return Kernel("backward", sum_kernel.hidden, sum_kernel.dtype, sum_kernel.parts)
 
 
-def _backwards_followed(target: TargetInfo, plan: dict[Kernel, dict[str, dict]]) -> dict[Kernel, dict[str, dict]]:
-    """The backward each partials sum of `plan` is timed after: the one `plan` times as "today"
-    (select --parts, at each P), else today's choice."""
-    followed = {}
-    for kernel in (k for k in plan if k.op == "backward_sum"):
-        backward = _followed(kernel)
-        knobs = plan.get(backward, {}).get("today") or database.choose(backward, target).knobs
-        followed[backward] = {FOLLOWED: knobs}
-    return followed
+def _backwards_followed(
+    target: TargetInfo, plan: dict[Kernel, dict[str, dict]], built: dict, folder: str, log
+) -> dict[Kernel, str]:
+    """backward -> library of the backward each partials sum of `plan` is timed after: the knobs
+    `plan` times as "today" (select --parts, at each P), else today's choice. A library the plan
+    already built with those knobs is used as it is; the others are built here."""
+    paths, missing = {}, {}
+    for backward in {_followed(k) for k in plan if k.op == "backward_sum"}:
+        candidates = plan.get(backward, {})
+        knobs = candidates.get("today") or database.choose(backward, target).knobs
+        same = [label for label, k in candidates.items() if k == knobs and (backward, label) in built]
+        if same:
+            paths[backward] = built[backward, same[0]]
+        else:
+            missing[backward] = {FOLLOWED: knobs}
+    if missing:
+        paths |= {kernel: path for (kernel, _), path in _build_all(target, missing, folder, log).items()}
+    return paths
 
 
 def time_plan(
@@ -290,7 +299,7 @@ def time_plan(
     device, rng = target.device(), np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="lntune-select-") as scratch:
         built = _build_all(target, plan, scratch, log)
-        followed = _build_all(target, _backwards_followed(target, plan), scratch, log)
+        followed = _backwards_followed(target, plan, built, scratch, log)
         for kernel, labelled in plan.items():
             paths = {label: built[kernel, label] for label in labelled if (kernel, label) in built}
             if not paths:
@@ -300,7 +309,7 @@ def time_plan(
             if first not in paths:
                 log(f"{kernel.name}: {first} did not build; {next(iter(paths))} is the reference")
             rows = max(1, elements // kernel.hidden)
-            backward_path = followed.get((_followed(kernel), FOLLOWED), "") if kernel.op == "backward_sum" else ""
+            backward_path = followed.get(_followed(kernel), "") if kernel.op == "backward_sum" else ""
             timed = Timed(kernel, rows, _measure(kernel, paths, rows, device, rng, log, backward_path))
             close = tied(timed.us)
             # A sum's time does not depend on M (it reads P rows); after a backward of 1024 rows
