@@ -61,8 +61,8 @@ def compile_module(mod: tvm.IRModule, target: TargetInfo):
     """tvm.compile for `target` with the host as LLVM, lntune's pass configuration and its TIR
     pipeline (TVM's, plus the launch flag of dependent kernels)."""
     with tvm.transform.PassContext(config=PASS_CONFIG):
-        target = tvm.target.Target(target.spec, host="llvm")
-        return tvm.compile(mod, target=target, tir_pipeline=dependent_launch.PIPELINE)
+        tvm_target = tvm.target.Target(target.spec, host="llvm")
+        return tvm.compile(mod, target=tvm_target, tir_pipeline=dependent_launch.PIPELINE)
 
 
 def kernels_for(hidden: int, dtype: str, target: TargetInfo, parts: int | None = None) -> list[Kernel]:

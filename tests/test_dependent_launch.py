@@ -65,7 +65,7 @@ def test_only_the_sum_kernel_is_launched_as_a_dependent(tmp_path):
     for name, tags in flags.items():
         assert (dependent_launch.LAUNCH_TAG in tags) == ("backward_sum" in name), (name, tags)
     path = tmp_path / "pair.so"
-    compile_module(_backward_pair(SM90), SM90).export_library(str(path))
+    compile_module(mod, SM90).export_library(str(path))
     assert path.read_bytes().count(dependent_launch.LAUNCH_TAG.encode()) == 1
 
 
