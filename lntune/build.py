@@ -14,7 +14,7 @@ from pathlib import Path
 import tvm
 
 from lntune import __version__, toolchain
-from schedules import database, dependent_launch
+from schedules import database, pipeline
 from schedules.targets import TargetInfo, get_target
 from te_ops.layer_norm import DTYPES, Kernel
 
@@ -62,7 +62,7 @@ def compile_module(mod: tvm.IRModule, target: TargetInfo):
     pipeline (TVM's, plus the launch flag of dependent kernels)."""
     with tvm.transform.PassContext(config=PASS_CONFIG):
         tvm_target = tvm.target.Target(target.spec, host="llvm")
-        return tvm.compile(mod, target=tvm_target, tir_pipeline=dependent_launch.PIPELINE)
+        return tvm.compile(mod, target=tvm_target, tir_pipeline=pipeline.PIPELINE)
 
 
 def kernels_for(hidden: int, dtype: str, target: TargetInfo, parts: int | None = None) -> list[Kernel]:

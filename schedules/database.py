@@ -16,7 +16,7 @@ from pathlib import Path
 import tvm
 import tvm_ffi
 
-from schedules import cluster, dependent_launch, spaces
+from schedules import cluster, dependent_launch, private_copies, spaces
 from schedules.knobs import IMPLICIT_UNROLL_KEY, Fixed, Recorder
 from schedules.targets import TargetInfo
 from te_ops.layer_norm import Kernel
@@ -332,5 +332,7 @@ def scheduled(kernel: Kernel, target: TargetInfo, knobs: dict) -> tvm.tirx.PrimF
     func = cluster.with_cluster_exchange(sch.mod["main"], cluster.protocol_for(fixed.values))
     if target.has_dependent_launch and kernel.op in LAUNCH_ROLES:
         func = dependent_launch.with_dependency(func, LAUNCH_ROLES[kernel.op])
+    if fixed.used.get("private_copies"):
+        func = func.with_attr(private_copies.PRIVATE_KEY, True)
     func = spaces.with_launch_bounds(func)
     return func.with_attr("global_symbol", kernel.name)

@@ -15,9 +15,8 @@ after any other kernel) the wait returns at once.
 
 Two places carry it: the kernels' bodies (`with_dependency`, in TIR, at the top of the outermost
 thread-bound loop) and the sum's launch. TVM's runtime sets the launch attribute for a kernel
-whose launch parameters list `tirx.use_programtic_dependent_launch` (sic); `PIPELINE` is TVM's
-default TIR pipeline plus a pass that adds it to the device kernels of functions marked
-`DEPENDENT_KEY`.
+whose launch parameters list `tirx.use_programtic_dependent_launch` (sic); lntune's TIR pipeline
+(schedules.pipeline) adds it to the device kernels of functions marked `DEPENDENT_KEY`.
 """
 
 from __future__ import annotations
@@ -25,14 +24,12 @@ from __future__ import annotations
 import tvm
 from tvm import tirx
 from tvm.backend.cuda.op import cuda_func_call
-from tvm.tirx.compilation_pipeline import get_tir_pipeline, register_tir_pipeline
 
 from schedules import tir_tree
 
 DEPENDENT_KEY = "lntune.dependent_launch"  # function attribute: launch it as a dependent
 LAUNCH_TAG = "tirx.use_programtic_dependent_launch"  # TVM runtime's spelling
 DYNAMIC_SHARED_TAG = "tirx.use_dyn_shared_memory"  # TVM requires this one last
-PIPELINE = "lntune"
 
 _HELPERS = """
 #ifndef LNTUNE_DEPENDENT_LAUNCH
@@ -85,29 +82,15 @@ def with_launch_tag(tags) -> list[str]:
     return [*tags[:at], LAUNCH_TAG, *tags[at:]]
 
 
-def _tag_dependent_kernels(pipeline: tvm.transform.Pass) -> tvm.transform.Pass:
-    """`pipeline`, after which the device kernels split from a DEPENDENT_KEY function carry the
-    launch flag. The attribute stays on the function TVM splits them from, whose name they extend."""
-
-    @tvm.transform.module_pass(opt_level=0, name="lntune.TagDependentKernels")
-    def run(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        dependents = {gv.name_hint for gv, f in mod.functions.items() if f.attrs and f.attrs.get(DEPENDENT_KEY)}
-        mod = pipeline(mod)
-        updates = {}
-        for gv, f in mod.functions.items():
-            params = f.attrs.get("tirx.kernel_launch_params") if f.attrs else None
-            if params is not None and any(gv.name_hint.startswith(f"{d}_kernel") for d in dependents):
-                updates[gv] = f.with_attr("tirx.kernel_launch_params", with_launch_tag(params))
-        for gv, f in updates.items():
-            mod[gv] = f
-        return mod
-
-    return run
-
-
-def _pipeline():
-    lower, finalize_host, finalize_device = get_tir_pipeline("s_tir")
-    return _tag_dependent_kernels(lower), finalize_host, finalize_device
-
-
-register_tir_pipeline(PIPELINE, _pipeline)
+def tag_kernels(mod: tvm.IRModule, dependents: set[str]) -> tvm.IRModule:
+    """`mod` (lowered, split into host and device functions) with the launch flag on the device
+    kernels of the `dependents` functions (`<name>_kernel`; the attribute stays on the function TVM
+    splits them from, whose name they extend)."""
+    updates = {}
+    for gv, f in mod.functions.items():
+        params = f.attrs.get("tirx.kernel_launch_params") if f.attrs else None
+        if params is not None and any(gv.name_hint.startswith(f"{d}_kernel") for d in dependents):
+            updates[gv] = f.with_attr("tirx.kernel_launch_params", with_launch_tag(params))
+    for gv, f in updates.items():
+        mod[gv] = f
+    return mod

@@ -257,6 +257,9 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     into shared memory with cp.async while this step reduces and writes: without it a block's
     loads wait for its own row barriers, and 16-bit rows (half the bytes a barrier) kept DRAM at
     ~63 % busy (Nsight Compute, bench/NOTES.md).
+    `private_copies` (with prefetch) builds the kernel without the pipeline's own two block barriers
+    a step (schedules.private_copies; each thread reads back only the rows it copied). On the H100
+    it saved 2-3 us at 16-bit N = 8192 and cost 2-6 us at N = 4096, so it is measured, not ruled.
     `row_scalars` (not ROCm yet) keeps the row's c1/N and c2/N (stage "crow") in two registers per
     thread. Inlined, every element re-reads the allreduce's result, which TVM declares volatile
     shared memory, so nvcc can neither keep it in a register nor share the scaling: two shared
@@ -289,6 +292,9 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     # cannot place ("Cannot insert syncs inside condition").
     prefetchable = target.family == "cuda" and cache_rows and not shared_acc
     prefetch = knobs.structural(sch, "prefetch", PREFETCH if prefetchable else (0,))
+    # Not a schedule primitive: database.scheduled marks the function, and lntune's TIR pipeline
+    # then drops the prefetch pipeline's own block barriers (schedules.private_copies).
+    knobs.structural(sch, "private_copies", (0, 1) if prefetch else (0,))
     kept = {0: (), 1: ("xhat", "dyg", "dyf"), 2: ("xhat", "dyf") + (("gammaf",) if cache_gamma else ())}[staged]
     row_scalars = knobs.structural(sch, "row_scalars", (0, 1) if target.family != "rocm" else (0,))
     kept += ("crow",) if row_scalars else ()
@@ -632,6 +638,9 @@ def _backward_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[d
         both = _prefetchable(kernel, target, both)
         found += both + _occupied(kernel, both)
     found += _cluster_variants(kernel, target, rule)
+    # Every prefetching variant again without its pipeline's own block barriers (appended last, so
+    # the labels above stay put).
+    found += [{**k, "private_copies": 1} for k in found if k.get("prefetch")]
     unique = [base]
     for knobs in found:
         if knobs not in unique:

@@ -1,0 +1,77 @@
+"""Block barriers that a prefetching backward's software pipeline does not need (CUDA).
+
+A prefetching backward (`one_pass_backward`'s `prefetch`) copies the x and dy rows of a later
+step into shared memory with cp.async, and reads them back into registers at that step. TVM's
+pipeline puts a block barrier (__syncthreads) after each wait for the copies and ThreadSync one
+before each copy into a buffer that was read one step before: it cannot see that the copy and
+the read are spread over the threads alike (the same `_spread_row` layout), so that each thread
+reads back only the bytes it copied itself. A thread's own cp.async writes are visible to it
+after its cp.async.wait_group, and its read of a buffer slot comes before the copy that refills
+it in its own program order, with the row allreduce's barriers between them. Those two barriers
+a row are what this removes, in the device kernels of functions marked `PRIVATE_KEY`; the
+allreduce's own barriers stay.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import tirx
+
+PRIVATE_KEY = "lntune.thread_private_copies"  # function attribute: its pipelined copies are per-thread
+# Attributes InjectSoftwarePipeline wraps a step's copies, and the wait for them, in.
+_ASYNC_SCOPES = ("async_commit_queue_scope", "async_wait_queue_scope", "async_wait_inflight_count")
+
+
+def _is_barrier(stmt: tirx.Stmt) -> bool:
+    value = stmt.value if isinstance(stmt, tirx.Evaluate) else None
+    return isinstance(value, tvm.ir.expr.Call) and getattr(value.op, "name", "") == "tirx.tvm_storage_sync"
+
+
+def _without_barriers(stmt: tirx.Stmt) -> tirx.Stmt:
+    """The body of an async-copy scope without its top-level barriers (nested scopes too)."""
+    if isinstance(stmt, tirx.SeqStmt):
+        kept = [_without_barriers(s) for s in stmt.seq if not _is_barrier(s)]
+        return tirx.SeqStmt(kept) if len(kept) != 1 else kept[0]
+    if isinstance(stmt, tirx.AttrStmt) and stmt.attr_key in _ASYNC_SCOPES:
+        return tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, _without_barriers(stmt.body))
+    if _is_barrier(stmt):
+        return tirx.Evaluate(0)
+    return stmt
+
+
+def drop_pipeline_barriers(stmt: tirx.Stmt) -> tirx.Stmt:
+    """`stmt` (a lowered kernel body) with the barriers inside its async-copy scopes removed."""
+    if isinstance(stmt, tirx.AttrStmt):
+        if stmt.attr_key in _ASYNC_SCOPES:
+            return _without_barriers(stmt)
+        return tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, drop_pipeline_barriers(stmt.body))
+    if isinstance(stmt, tirx.SeqStmt):
+        return tirx.SeqStmt([drop_pipeline_barriers(s) for s in stmt.seq])
+    if isinstance(stmt, tirx.For):
+        return tirx.For(
+            stmt.loop_var,
+            stmt.min,
+            stmt.extent,
+            stmt.kind,
+            drop_pipeline_barriers(stmt.body),
+            stmt.thread_binding,
+            stmt.annotations,
+        )
+    if isinstance(stmt, tirx.IfThenElse):
+        other = drop_pipeline_barriers(stmt.else_case) if stmt.else_case is not None else None
+        return tirx.IfThenElse(stmt.condition, drop_pipeline_barriers(stmt.then_case), other)
+    if isinstance(stmt, tirx.While):
+        return tirx.While(stmt.condition, drop_pipeline_barriers(stmt.body))
+    return stmt
+
+
+def apply(mod: tvm.IRModule, marked: set[str]) -> tvm.IRModule:
+    """`mod` (lowered, split into host and device functions) with the device kernels of the
+    `marked` functions (`<name>_kernel`) rid of their pipeline barriers."""
+    updates = {}
+    for gv, f in mod.functions.items():
+        if any(gv.name_hint.startswith(f"{name}_kernel") for name in marked):
+            updates[gv] = f.with_body(drop_pipeline_barriers(f.body))
+    for gv, f in updates.items():
+        mod[gv] = f
+    return mod
