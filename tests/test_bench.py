@@ -45,3 +45,20 @@ def test_markdown_gives_each_peer_its_ratio_to_the_bare_kernels(tmp_path):
     text = (tmp_path / "t.md").read_text()
     assert "| dtype | N | M | lntune | lntune-api | aten |" in text
     assert "| float32 | 1024 | 8 | 0.9 | 0.72 (1.25×) | 0.45 (2.00×) |" in text
+
+
+def test_each_pass_keeps_its_least_round_and_rounds_go_in_turn(monkeypatch):
+    """A slow spell spoils one round of a pass, not its time; rounds alternate over the passes."""
+    calls = []
+    spells = {("a", 0): 9.0, ("b", 1): 7.0}  # pass a slow in round 0, b in round 1
+
+    def fake_time(fn, _torch):
+        name = fn()
+        round_ = sum(1 for c in calls if c == name)
+        calls.append(name)
+        return spells.get((name, round_), 1.0 + 0.1 * round_)
+
+    monkeypatch.setattr(bench, "_time", fake_time)
+    best = bench._least_of_rounds({"a": lambda: "a", "b": lambda: "b"}, torch)
+    assert best == {"a": 1.1, "b": 1.0}
+    assert calls == ["a", "b"] * bench.ROUNDS
