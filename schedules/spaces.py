@@ -583,6 +583,7 @@ def default_knobs(kernel: Kernel, target: TargetInfo) -> dict[str, int]:
         "stage_rows": 0,
         "row_scalars": 0,
         "prefetch": 0,
+        "private_copies": 0,
         "cluster": 0,
         "threads": threads,
         "unroll": 64,

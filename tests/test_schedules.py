@@ -82,7 +82,7 @@ def _write_database(folder, kernel, target, traced, seconds=1e-4, extra_lines=()
 
 
 STRUCTURAL = ("cache_rows", "cache_gamma", "chunked", "rows_per_step", "explicit_unroll", "shared_acc")
-STRUCTURAL += ("threads_per_sm", "stage_rows", "prefetch", "row_scalars", "cluster")
+STRUCTURAL += ("threads_per_sm", "stage_rows", "prefetch", "private_copies", "row_scalars", "cluster")
 # as the tuning spaces hold
 ONE_ROW_A_STEP = {
     "rows_per_step": 1,
@@ -91,6 +91,7 @@ ONE_ROW_A_STEP = {
     "threads_per_sm": 0,
     "stage_rows": 0,
     "prefetch": 0,
+    "private_copies": 0,
     "row_scalars": 0,
     "cluster": 0,
 }
@@ -151,7 +152,7 @@ def test_tuned_record_keeps_rows_per_step_and_unrolling(tmp_path, rows_per_step,
     kernel = Kernel("backward", 2048, "bfloat16", spaces.parts_for(target, 2048, "bfloat16"))
     layout = {"rows_per_step": rows_per_step, "explicit_unroll": explicit_unroll}
     wanted = {"cache_rows": 1, "cache_gamma": 1, "chunked": 1, **layout, "shared_acc": 0, "threads_per_sm": 0}
-    wanted.update(stage_rows=0, prefetch=0, row_scalars=0, cluster=0)
+    wanted.update(stage_rows=0, prefetch=0, private_copies=0, row_scalars=0, cluster=0)
     wanted.update(threads=128, unroll=64)
     assert database.choose(kernel, target, _records_of(tmp_path, kernel, target, wanted), selection={}).knobs == wanted
 
