@@ -21,7 +21,6 @@ launches (12-19 us a call from Python with torch tensors); select's times are th
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from functools import partial
@@ -31,12 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 import tvm  # noqa: E402
-import tvm_ffi  # noqa: E402
+from pairs import Pairs, run_cases  # noqa: E402
 
 from lntune.bench import _time  # noqa: E402
 from lntune.build import compile_module, kernels_for  # noqa: E402
 from schedules import database  # noqa: E402
-from schedules.targets import get_target  # noqa: E402
 
 CASES = [
     (1024, "bfloat16"),
@@ -72,16 +70,6 @@ def _pair(target, hidden: int, dtype: str, roles_of_build: dict):
     return module[kernels[0].name], module[kernels[1].name], kernels[0].parts
 
 
-def _inputs(rows: int, hidden: int, dtype: str) -> list[torch.Tensor]:
-    dt = getattr(torch, dtype)
-    x = torch.randn(rows, hidden, device="cuda", dtype=dt) + 3
-    dy = torch.randn(rows, hidden, device="cuda", dtype=dt)
-    mean = torch.randn(rows, device="cuda")
-    rstd = torch.rand(rows, device="cuda") + 0.5
-    gamma = torch.randn(hidden, device="cuda", dtype=dt)
-    return [dy, x, mean, rstd, gamma]
-
-
 def _split(first, second) -> tuple[float, float]:
     """Median us from before `first` to after it, and from there to after `second`, queued back to back."""
     for _ in range(5):
@@ -102,55 +90,28 @@ def _split(first, second) -> tuple[float, float]:
 
 def _case(target, hidden: int, dtype: str) -> dict:
     rows = ELEMENTS // hidden
-    builds = {name: _pair(target, hidden, dtype, roles) for name, roles in BUILDS.items()}
-    parts = builds["plain"][2]
-    sets = [_inputs(rows, hidden, dtype) for _ in range(2)]
-    dx = torch.empty_like(sets[0][0])
-    partials = [torch.empty(parts, hidden, device="cuda") for _ in range(2)]
-    dgamma, dbeta = (torch.empty(hidden, device="cuda", dtype=getattr(torch, dtype)) for _ in range(2))
-
-    def run(build: str, args: list[torch.Tensor]):
-        backward, total, _ = builds[build]
-        backward(*args, dx, *partials)
-        total(*partials, dgamma, dbeta)
-
-    expected = []
-    for args in sets:
-        run("plain", args)
-        expected.append([t.clone() for t in (dx, dgamma, dbeta)])
+    pairs = Pairs({name: _pair(target, hidden, dtype, roles) for name, roles in BUILDS.items()}, rows, hidden, dtype)
+    pairs.expect_equal("plain", list(BUILDS))
+    us, args = {}, pairs.sets[0]
     for build in BUILDS:
-        for _ in range(10):
-            for args, want in zip(sets, expected, strict=True):
-                for t in (dx, dgamma, dbeta):
-                    t.fill_(float("nan"))
-                run(build, args)
-                if not all(torch.equal(g, w) for g, w in zip((dx, dgamma, dbeta), want, strict=True)):
-                    raise SystemExit(f"N={hidden} {dtype}: the {build} pair's outputs differ from the plain pair's")
-    us, args = {}, sets[0]
-    for build, (backward, total, _) in builds.items():
-        us[f"{build} backward"] = _time(partial(backward, *args, dx, *partials), torch) * 1e3
-        us[f"{build} sum"] = _time(partial(total, *partials, dgamma, dbeta), torch) * 1e3
-        us[f"{build} pair"] = _time(partial(run, build, args), torch) * 1e3
-        split = _split(partial(backward, *args, dx, *partials), partial(total, *partials, dgamma, dbeta))
+        us[f"{build} backward"] = _time(partial(pairs.backward, build, args), torch) * 1e3
+        us[f"{build} sum"] = _time(partial(pairs.sum, build), torch) * 1e3
+        us[f"{build} pair"] = _time(partial(pairs.run, build, args), torch) * 1e3
+        split = _split(partial(pairs.backward, build, args), partial(pairs.sum, build))
         us[f"{build} pair: backward"], us[f"{build} pair: sum"] = split
+    parts = pairs.builds["plain"][2]
     return {"parts": parts, "rows": rows, "us": {k: round(v, 2) for k, v in us.items()}}
 
 
-def main() -> None:
-    target = get_target("cuda-sm90")
-    results = {"device": torch.cuda.get_device_name(), "cases": {}}
-    with tvm_ffi.use_torch_stream():
-        for hidden, dtype in CASES:
-            result = _case(target, hidden, dtype)
-            results["cases"][f"{dtype} N={hidden}"] = result
-            us = result["us"]
-            pairs = " ".join(
-                f"{b} {us[f'{b} pair']:6.1f} ({us[f'{b} pair: backward']:.1f} + {us[f'{b} pair: sum']:.1f})"
-                for b in BUILDS
-            )
-            print(f"{dtype:<9} N={hidden:<6} pair: {pairs} us", flush=True)
-    Path(sys.argv[1]).write_text(json.dumps(results, indent=1))
+def _line(us: dict) -> str:
+    return (
+        "pair: "
+        + " ".join(
+            f"{b} {us[f'{b} pair']:6.1f} ({us[f'{b} pair: backward']:.1f} + {us[f'{b} pair: sum']:.1f})" for b in BUILDS
+        )
+        + " us"
+    )
 
 
 if __name__ == "__main__":
-    main()
+    run_cases(_case, CASES, _line, sys.argv[1])

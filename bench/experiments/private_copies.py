@@ -20,7 +20,6 @@ some, it is a knob (`private_copies`) that `lntune select` measures.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from functools import partial
@@ -30,13 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 import tvm  # noqa: E402
-import tvm_ffi  # noqa: E402
-from dependent_launch import _inputs  # noqa: E402
+from pairs import Pairs, run_cases  # noqa: E402
 
 from lntune.bench import _time  # noqa: E402
 from lntune.build import compile_module, kernels_for  # noqa: E402
 from schedules import database  # noqa: E402
-from schedules.targets import get_target  # noqa: E402
 
 CASES = [(n, dtype) for n in (1024, 2048, 4096, 5120, 8192, 16384) for dtype in ("bfloat16", "float16")]
 ELEMENTS = 1 << 26
@@ -60,55 +57,25 @@ def _case(target, hidden: int, dtype: str) -> dict | None:
     builds = {name: _pair(target, hidden, dtype, private) for name, private in BUILDS.items()}
     if builds["private"] is None:
         return None
-    rows, parts = ELEMENTS // hidden, builds["private"][2]
-    sets = [_inputs(rows, hidden, dtype) for _ in range(2)]
-    dx = torch.empty_like(sets[0][0])
-    partials = [torch.empty(parts, hidden, device="cuda") for _ in range(2)]
-    dgamma, dbeta = (torch.empty(hidden, device="cuda", dtype=getattr(torch, dtype)) for _ in range(2))
-
-    def run(build: str, args: list[torch.Tensor]):
-        backward, total, _ = builds[build]
-        backward(*args, dx, *partials)
-        total(*partials, dgamma, dbeta)
-
-    expected = []
-    for args in sets:
-        run("barriers", args)
-        expected.append([t.clone() for t in (dx, dgamma, dbeta)])
-    for _ in range(10):
-        for args, want in zip(sets, expected, strict=True):
-            for t in (dx, dgamma, dbeta, *partials):
-                t.fill_(float("nan"))
-            run("private", args)
-            if not all(torch.equal(g, w) for g, w in zip((dx, dgamma, dbeta), want, strict=True)):
-                raise SystemExit(f"N={hidden} {dtype}: the private build's outputs differ from the barriers build's")
+    rows = ELEMENTS // hidden
+    pairs = Pairs(builds, rows, hidden, dtype)
+    pairs.expect_equal("barriers", ["private"])
     times: dict[str, list[float]] = {}
-    args = sets[0]
+    args = pairs.sets[0]
     for _ in range(ROUNDS):
-        for build, (backward, _, _) in builds.items():
-            times.setdefault(f"{build} backward", []).append(_time(partial(backward, *args, dx, *partials), torch))
-            times.setdefault(f"{build} pair", []).append(_time(partial(run, build, args), torch))
+        for build in builds:
+            times.setdefault(f"{build} backward", []).append(_time(partial(pairs.backward, build, args), torch))
+            times.setdefault(f"{build} pair", []).append(_time(partial(pairs.run, build, args), torch))
     us = {k: round(statistics.median(v) * 1e3, 2) for k, v in times.items()}
-    return {"parts": parts, "rows": rows, "us": us}
+    return {"parts": builds["private"][2], "rows": rows, "us": us}
 
 
-def main() -> None:
-    target = get_target("cuda-sm90")
-    results = {"device": torch.cuda.get_device_name(), "cases": {}}
-    with tvm_ffi.use_torch_stream():
-        for hidden, dtype in CASES:
-            result = _case(target, hidden, dtype)
-            if result is None:
-                continue
-            results["cases"][f"{dtype} N={hidden}"] = result
-            us = result["us"]
-            print(
-                f"{dtype:<9} N={hidden:<6} backward {us['barriers backward']:6.1f} -> {us['private backward']:6.1f}"
-                f"  pair {us['barriers pair']:6.1f} -> {us['private pair']:6.1f} us",
-                flush=True,
-            )
-    Path(sys.argv[1]).write_text(json.dumps(results, indent=1))
+def _line(us: dict) -> str:
+    return (
+        f"backward {us['barriers backward']:6.1f} -> {us['private backward']:6.1f}"
+        f"  pair {us['barriers pair']:6.1f} -> {us['private pair']:6.1f} us"
+    )
 
 
 if __name__ == "__main__":
-    main()
+    run_cases(_case, CASES, _line, sys.argv[1])
