@@ -642,6 +642,10 @@ def _backward_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[d
     # Every prefetching variant again without its pipeline's own block barriers (appended last, so
     # the labels above stay put).
     found += [{**k, "private_copies": 1} for k in found if k.get("prefetch")]
+    # Staged cluster halves with gamma re-read instead of kept in registers: at 64 registers the
+    # kept fp32 gamma made ptxas spill in every row (Nsight Compute: 2 local loads and stores a row
+    # a warp, long-scoreboard stalls x2.4, bfloat16 N = 16384; bench/NOTES.md).
+    found += [{**k, "cache_gamma": 0} for k in found if k.get("cluster") and k.get("stage_rows")]
     unique = [base]
     for knobs in found:
         if knobs not in unique:

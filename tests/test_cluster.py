@@ -185,3 +185,16 @@ print("__cluster_dims__(2, 1, 1)" in lib.mod.imports[0].inspect_source())
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_staged_halves_also_come_with_gamma_re_read_last_in_the_grid():
+    """Staged cluster halves with gamma kept in registers spilled at 64 registers; their twins that
+    re-read gamma come after every other variant, so earlier labels keep their knobs."""
+    kernel = Kernel("backward", 16384, "bfloat16", 66)
+    found = spaces.variants(kernel, SM90, database.baseline_knobs(kernel, SM90))
+    staged = [v for v in found if v["cluster"] and v["stage_rows"] and v["cache_gamma"]]
+    rereading = [v for v in found if v["cluster"] and v["stage_rows"] and not v["cache_gamma"]]
+    assert staged and len(rereading) == len(staged)
+    assert all({**v, "cache_gamma": 0} in rereading for v in staged)
+    first = found.index(rereading[0])
+    assert found[first:] == rereading
