@@ -59,7 +59,7 @@ widen_cp_async_offsets()  # here, so every build that goes through lntune (expor
 
 def compile_module(mod: tvm.IRModule, target: TargetInfo):
     """tvm.compile for `target` with the host as LLVM, lntune's pass configuration and its TIR
-    pipeline (TVM's, plus the launch flag of dependent kernels)."""
+    pipeline (TVM's, then the device-kernel rewrites of schedules.pipeline)."""
     with tvm.transform.PassContext(config=PASS_CONFIG):
         tvm_target = tvm.target.Target(target.spec, host="llvm")
         return tvm.compile(mod, target=tvm_target, tir_pipeline=pipeline.PIPELINE)

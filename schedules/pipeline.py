@@ -18,6 +18,9 @@ def _marked(mod: tvm.IRModule, key: str) -> set[str]:
 
 
 def _with_kernel_rewrites(lower: tvm.transform.Pass) -> tvm.transform.Pass:
+    """`lower`, then each marked function's device kernels rewritten (the marks read before
+    lowering: the kernels split from a function extend its name)."""
+
     @tvm.transform.module_pass(opt_level=0, name="lntune.RewriteKernels")
     def run(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         dependents = _marked(mod, dependent_launch.DEPENDENT_KEY)

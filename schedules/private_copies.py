@@ -6,10 +6,10 @@ pipeline puts a block barrier (__syncthreads) after each wait for the copies and
 before each copy into a buffer that was read one step before: it cannot see that the copy and
 the read are spread over the threads alike (the same `_spread_row` layout), so that each thread
 reads back only the bytes it copied itself. A thread's own cp.async writes are visible to it
-after its cp.async.wait_group, and its read of a buffer slot comes before the copy that refills
-it in its own program order, with the row allreduce's barriers between them. Those two barriers
-a row are what this removes, in the device kernels of functions marked `PRIVATE_KEY`; the
-allreduce's own barriers stay.
+after its cp.async.wait_group, and its read of a buffer slot has returned (the row's arithmetic
+used it) before it issues, later in its own program order, the copy that refills the slot. Those
+two barriers a row are what this removes, in the device kernels of functions marked
+`PRIVATE_KEY`; the row allreduce's own barriers stay (a one-warp row has none).
 """
 
 from __future__ import annotations
