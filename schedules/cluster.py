@@ -26,7 +26,7 @@ from tvm.ir import Range
 from tvm.sym import Analyzer
 from tvm.tirx.analysis import undefined_vars
 
-from schedules import tir_tree
+from schedules import cuda_source, tir_tree
 
 SIZE = 2  # blocks per cluster (the rank loop's extent)
 RANK_AXIS = "blockIdx.x"
@@ -325,28 +325,7 @@ def add_cluster_dims(code: str) -> str:
     )
 
 
-POSTPROC = "tvm_callback_cuda_postproc"
-
-
-def mark_cluster_kernels() -> None:
-    """Have TVM's CUDA codegen pass every source through add_cluster_dims, so a kernel with the
-    exchange is a cluster launch without TVM's runtime knowing. Another post-processor already
-    registered still runs first."""
-    import tvm_ffi
-
-    if getattr(mark_cluster_kernels, "done", False):
-        return
-    previous = tvm_ffi.get_global_func(POSTPROC, allow_missing=True)
-
-    def lntune_cuda_postproc(code, target):
-        code = previous(code, target) if previous is not None else code
-        return add_cluster_dims(code)
-
-    tvm_ffi.register_global_func(POSTPROC, lntune_cuda_postproc, override=True)
-    mark_cluster_kernels.done = True
-
-
 # At import: whatever builds a function this module rewrote (export, select, Relax, a script of its
 # own) has imported it, and a cluster kernel without its cluster launch would read a rank that
 # does not exist.
-mark_cluster_kernels()
+cuda_source.add(add_cluster_dims)

@@ -1,0 +1,67 @@
+"""Rewrites of the CUDA source TVM generates, before nvcc compiles it (TVM's
+`tvm_callback_cuda_postproc` hook): the cluster launch mark (schedules.cluster) and paired 16-bit
+conversions (`pack_conversions`). Each is a text rewrite that leaves a source without its pattern
+as it is; `add` installs the hook once and chains any post-processor registered before lntune's."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+POSTPROC = "tvm_callback_cuda_postproc"
+_REWRITES: list[Callable[[str], str]] = []
+
+# TVM writes a float4 -> 4 x 16-bit conversion as four element casts into its half4_bfloat164
+# struct (8-byte aligned: x/y and z/w are 4-byte aligned pairs).
+_FOUR_CASTS = re.compile(
+    r"(?P<indent>\n[ \t]+)(?P<dst>\w+)\.x = \((?P<type>nv_bfloat16|half)\)\((?P<src>\w+)\.x\);"
+    r"\s+(?P=dst)\.y = \((?P=type)\)\((?P=src)\.y\);"
+    r"\s+(?P=dst)\.z = \((?P=type)\)\((?P=src)\.z\);"
+    r"\s+(?P=dst)\.w = \((?P=type)\)\((?P=src)\.w\);"
+)
+# The round-to-nearest pair conversions: bit for bit what the element casts give.
+_PAIR = {"nv_bfloat16": ("nv_bfloat162", "__floats2bfloat162_rn"), "half": ("half2", "__floats2half2_rn")}
+
+
+def pack_conversions(code: str) -> str:
+    """Convert float4 -> 4 x 16-bit in two round-to-nearest pairs instead of four casts.
+
+    From four separate 16-bit values NVVM stored a row of dx as four 4-byte stores in cluster
+    kernels (`st.global.v2.u16`, bench/NOTES.md); from pairs it keeps one 16-byte store."""
+
+    def pairs(m: re.Match) -> str:
+        pair, convert = _PAIR[m["type"]]
+        indent, dst, src = m["indent"], m["dst"], m["src"]
+        return (
+            f"{indent}*({pair}*)&{dst}.x = {convert}({src}.x, {src}.y);"
+            f"{indent}*({pair}*)&{dst}.z = {convert}({src}.z, {src}.w);"
+        )
+
+    return _FOUR_CASTS.sub(pairs, code)
+
+
+def add(rewrite: Callable[[str], str]) -> None:
+    """Run `rewrite` on every CUDA source TVM generates from now on (after those added before)."""
+    if rewrite not in _REWRITES:
+        _REWRITES.append(rewrite)
+    _install()
+
+
+def _install() -> None:
+    import tvm_ffi
+
+    if getattr(_install, "done", False):
+        return
+    previous = tvm_ffi.get_global_func(POSTPROC, allow_missing=True)
+
+    def lntune_cuda_postproc(code, target):
+        code = previous(code, target) if previous is not None else code
+        for rewrite in _REWRITES:
+            code = rewrite(code)
+        return code
+
+    tvm_ffi.register_global_func(POSTPROC, lntune_cuda_postproc, override=True)
+    _install.done = True
+
+
+add(pack_conversions)
