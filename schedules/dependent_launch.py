@@ -21,7 +21,6 @@ whose launch parameters list `tirx.use_programtic_dependent_launch` (sic); lntun
 
 from __future__ import annotations
 
-import tvm
 from tvm import tirx
 from tvm.backend.cuda.op import cuda_func_call
 
@@ -30,6 +29,7 @@ from schedules import tir_tree
 DEPENDENT_KEY = "lntune.dependent_launch"  # function attribute: launch it as a dependent
 LAUNCH_TAG = "tirx.use_programtic_dependent_launch"  # TVM runtime's spelling
 DYNAMIC_SHARED_TAG = "tirx.use_dyn_shared_memory"  # TVM requires this one last
+LAUNCH_PARAMS = "tirx.kernel_launch_params"  # a device kernel's attribute listing them
 
 _HELPERS = """
 #ifndef LNTUNE_DEPENDENT_LAUNCH
@@ -82,15 +82,6 @@ def with_launch_tag(tags) -> list[str]:
     return [*tags[:at], LAUNCH_TAG, *tags[at:]]
 
 
-def tag_kernels(mod: tvm.IRModule, dependents: set[str]) -> tvm.IRModule:
-    """`mod` (lowered, split into host and device functions) with the launch flag on the device
-    kernels of the `dependents` functions (`<name>_kernel`; the attribute stays on the function TVM
-    splits them from, whose name they extend)."""
-    updates = {}
-    for gv, f in mod.functions.items():
-        params = f.attrs.get("tirx.kernel_launch_params") if f.attrs else None
-        if params is not None and any(gv.name_hint.startswith(f"{d}_kernel") for d in dependents):
-            updates[gv] = f.with_attr("tirx.kernel_launch_params", with_launch_tag(params))
-    for gv, f in updates.items():
-        mod[gv] = f
-    return mod
+def with_launch_flag(kernel: tirx.PrimFunc) -> tirx.PrimFunc:
+    """A device kernel (lowered, split from its host function) launched as a dependent."""
+    return kernel.with_attr(LAUNCH_PARAMS, with_launch_tag(kernel.attrs[LAUNCH_PARAMS]))

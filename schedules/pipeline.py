@@ -4,7 +4,10 @@ parameters, pipeline barriers) cannot be made on the scheduled function itself."
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import tvm
+from tvm.tirx import PrimFunc
 from tvm.tirx.compilation_pipeline import get_tir_pipeline, register_tir_pipeline
 
 from schedules import dependent_launch, private_copies
@@ -17,6 +20,22 @@ def _marked(mod: tvm.IRModule, key: str) -> set[str]:
     return {gv.name_hint for gv, f in mod.functions.items() if f.attrs and f.attrs.get(key)}
 
 
+def _rewrite_kernels(mod: tvm.IRModule, names: set[str], rewrite: Callable[[PrimFunc], PrimFunc]) -> tvm.IRModule:
+    """`mod` (lowered, split into host and device functions) with `rewrite` applied to the device
+    kernels of the functions `names`: those with launch parameters named `<name>_kernel...` (the
+    attribute stays on the function TVM splits them from, whose name they extend)."""
+    updates = {
+        gv: rewrite(f)
+        for gv, f in mod.functions.items()
+        if f.attrs
+        and f.attrs.get(dependent_launch.LAUNCH_PARAMS) is not None
+        and any(gv.name_hint.startswith(f"{name}_kernel") for name in names)
+    }
+    for gv, f in updates.items():
+        mod[gv] = f
+    return mod
+
+
 def _with_kernel_rewrites(lower: tvm.transform.Pass) -> tvm.transform.Pass:
     """`lower`, then each marked function's device kernels rewritten (the marks read before
     lowering: the kernels split from a function extend its name)."""
@@ -26,8 +45,8 @@ def _with_kernel_rewrites(lower: tvm.transform.Pass) -> tvm.transform.Pass:
         dependents = _marked(mod, dependent_launch.DEPENDENT_KEY)
         private = _marked(mod, private_copies.PRIVATE_KEY)
         mod = lower(mod)
-        mod = dependent_launch.tag_kernels(mod, dependents)
-        return private_copies.apply(mod, private)
+        mod = _rewrite_kernels(mod, dependents, dependent_launch.with_launch_flag)
+        return _rewrite_kernels(mod, private, private_copies.without_pipeline_barriers)
 
     return run
 

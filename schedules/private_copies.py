@@ -17,6 +17,8 @@ from __future__ import annotations
 import tvm
 from tvm import tirx
 
+from schedules import tir_tree
+
 PRIVATE_KEY = "lntune.thread_private_copies"  # function attribute: its pipelined copies are per-thread
 # Attributes InjectSoftwarePipeline wraps a step's copies, and the wait for them, in.
 _ASYNC_SCOPES = ("async_commit_queue_scope", "async_wait_queue_scope", "async_wait_inflight_count")
@@ -48,15 +50,7 @@ def drop_pipeline_barriers(stmt: tirx.Stmt) -> tirx.Stmt:
     if isinstance(stmt, tirx.SeqStmt):
         return tirx.SeqStmt([drop_pipeline_barriers(s) for s in stmt.seq])
     if isinstance(stmt, tirx.For):
-        return tirx.For(
-            stmt.loop_var,
-            stmt.min,
-            stmt.extent,
-            stmt.kind,
-            drop_pipeline_barriers(stmt.body),
-            stmt.thread_binding,
-            stmt.annotations,
-        )
+        return tir_tree.loop_with(stmt, drop_pipeline_barriers(stmt.body))
     if isinstance(stmt, tirx.IfThenElse):
         other = drop_pipeline_barriers(stmt.else_case) if stmt.else_case is not None else None
         return tirx.IfThenElse(stmt.condition, drop_pipeline_barriers(stmt.then_case), other)
@@ -65,13 +59,6 @@ def drop_pipeline_barriers(stmt: tirx.Stmt) -> tirx.Stmt:
     return stmt
 
 
-def apply(mod: tvm.IRModule, marked: set[str]) -> tvm.IRModule:
-    """`mod` (lowered, split into host and device functions) with the device kernels of the
-    `marked` functions (`<name>_kernel`) rid of their pipeline barriers."""
-    updates = {}
-    for gv, f in mod.functions.items():
-        if any(gv.name_hint.startswith(f"{name}_kernel") for name in marked):
-            updates[gv] = f.with_body(drop_pipeline_barriers(f.body))
-    for gv, f in updates.items():
-        mod[gv] = f
-    return mod
+def without_pipeline_barriers(kernel: tirx.PrimFunc) -> tirx.PrimFunc:
+    """A device kernel (lowered, split from its host function) rid of its pipeline barriers."""
+    return kernel.with_body(drop_pipeline_barriers(kernel.body))

@@ -15,9 +15,9 @@ _BLOCK_REST = ("init", "alloc_buffers", "match_buffers", "annotations")
 
 
 def loop_with(loop: tirx.For, body: tirx.Stmt, annotations=None) -> tirx.For:
-    """`loop` with another body (and annotations, when given)."""
+    """`loop` with another body (and annotations, when given); its step, if any, kept."""
     annotations = loop.annotations if annotations is None else annotations
-    return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, body, loop.thread_binding, annotations)
+    return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, body, loop.thread_binding, annotations, loop.step)
 
 
 def rewrite(stmt: tirx.Stmt, f: Rewriter) -> tirx.Stmt:
