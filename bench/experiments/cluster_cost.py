@@ -1,7 +1,8 @@
 """What does the per-row cluster exchange cost, by protocol? (backward, N = 16384, M = 4096)
 
-    python3 bench/experiments/cluster_cost.py OUT.json
+    python3 bench/experiments/cluster_cost.py OUT.json [CASE ...]
 
+CASE names cases to run (default all): "bfloat16 today", "bfloat16 staged-prefetch1", ...
 Builds today's N = 16384 choice of each dtype (and for bfloat16 the staged, prefetched layout
 that paid the most for its exchange) with each exchange protocol of schedules.cluster ("tagged",
 "counted") and with none ("none": each block doubles its own half's sums, so dx is wrong and
@@ -108,7 +109,8 @@ def main() -> None:
         return
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
-        keys = [(case, protocol) for case in cases() for protocol in PROTOCOLS]
+        wanted = sys.argv[2:] or list(cases())
+        keys = [(case, protocol) for case in wanted for protocol in PROTOCOLS]
         jobs = {
             (case, protocol): (*cases()[case], protocol, os.path.join(scratch, f"{i}.so"))
             for i, (case, protocol) in enumerate(keys)
