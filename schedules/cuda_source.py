@@ -1,7 +1,8 @@
 """Rewrites of the CUDA source TVM generates, before nvcc compiles it (TVM's
-`tvm_callback_cuda_postproc` hook): the cluster launch mark (schedules.cluster) and paired 16-bit
-conversions (`pack_conversions`). Each is a text rewrite that leaves a source without its pattern
-as it is; `add` installs the hook once and chains any post-processor registered before lntune's."""
+`tvm_callback_cuda_postproc` hook): the cluster launch mark (schedules.cluster), paired 16-bit
+conversions (`pack_conversions`) and 16-byte stores kept whole (`whole_vector_stores`). Each is a
+text rewrite that leaves a source without its pattern as it is; `add` installs the hook once and
+chains any post-processor registered before lntune's."""
 
 from __future__ import annotations
 
@@ -40,6 +41,43 @@ def pack_conversions(code: str) -> str:
     return _FOUR_CASTS.sub(pairs, code)
 
 
+# A kernel's global buffers are its pointer parameters: `float* __restrict__ dx_ptr`.
+_SIGNATURE = re.compile(r"__global__ void[^\n]*?\w\((?P<params>[^()]*)\)\s*[{;]")
+_POINTER_PARAM = re.compile(r"\*\s*(?:__restrict__\s+)?(?P<name>\w+)$")
+# TVM writes each 16-byte row store as one statement a line: *(uint4*)(dx_ptr + ...) = <value>;
+_VECTOR_STORE = re.compile(
+    r"^(?P<indent>[ \t]*)\*\((?P<type>uint4|float4)\*\)\((?P<address>(?P<name>\w+) \+ .*?)\) = (?P<value>.*);$"
+)
+
+
+def _global_pointers(code: str) -> set[str]:
+    names = set()
+    for signature in _SIGNATURE.finditer(code):
+        for param in signature["params"].split(","):
+            if m := _POINTER_PARAM.search(param.strip()):
+                names.add(m["name"])
+    return names
+
+
+def whole_vector_stores(code: str) -> str:
+    """Store 16-byte vectors to global memory through `__stwb` (st.global.wb.v4: the default
+    caching, one instruction) instead of a plain assignment.
+
+    From the assignment NVVM wrote some 16-bit row stores as four 4-byte `st.global.u32`: the dx
+    rows of the cluster kernels (N = 16384) and y in the forward at N = 768 and 1024 (PTX from
+    nvcc 13.0), four times the store instructions of a kernel that is issue-bound
+    (bench/NOTES.md)."""
+    pointers = _global_pointers(code)
+
+    def whole(line: str) -> str:
+        m = _VECTOR_STORE.match(line)
+        if not m or m["name"] not in pointers:
+            return line
+        return f"{m['indent']}__stwb(({m['type']}*)({m['address']}), {m['value']});"
+
+    return "\n".join(whole(line) for line in code.split("\n"))
+
+
 def add(rewrite: Callable[[str], str]) -> None:
     """Run `rewrite` on every CUDA source TVM generates from now on (after those added before)."""
     if rewrite not in _REWRITES:
@@ -65,3 +103,4 @@ def _install() -> None:
 
 
 add(pack_conversions)
+add(whole_vector_stores)
