@@ -32,6 +32,7 @@ SUM_LANES = (1, 2, 4, 8, 16, 32, 64, 128)  # columns x lanes > max_threads is re
 _FIRST_SUM_GRID = (4, 6)  # how many of each the first sessions' variant labels were numbered over
 UNROLL_STEPS = (0, 16, 64, 512)
 ROWS_PER_STEP = (1, ROW_GRANULE)  # backward rows whose x and dy are loaded together (a structural knob)
+GAMMA_SHARED = 2  # cache_gamma: gamma widened to fp32 in shared memory (staged rows 2)
 STAGE_ROWS = (0, 1, 2)  # backward stages kept in registers (see one_pass_backward)
 PREFETCH = (0, 1, 2)  # steps ahead that a CUDA backward copies rows into shared memory (0: none)
 ROWS_PER_STEP_KEY = "lntune.rows_per_step"  # marks the split in a trace (schedules.database._structure)
@@ -241,7 +242,10 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     Structures: `cache_rows` keeps each row of x and dy in registers between the row reductions and
     dx (one DRAM read); without it the second use re-reads them (from L1/L2), which frees registers
     for the partial accumulators at large N. `cache_gamma` keeps this thread's slice of gamma in
-    registers for the whole chunk. `rows_per_step` rows are loaded before the first is reduced, and
+    registers for the whole chunk; 2 (CUDA, with stage_rows 2) widens it to fp32 once a block into
+    shared memory instead: the 16-bit cluster halves at N = 16384 have no registers to spare for it
+    (re-read, it cost 10 global loads and 16 conversions a row: 164.4 -> 159.5 us on the H100).
+    `rows_per_step` rows are loaded before the first is reduced, and
     `explicit_unroll` says whether TVM or nvcc unrolls. `shared_acc` (CUDA) keeps the dgamma/dbeta
     accumulators in dynamic shared memory instead of registers: at N = 16384 they are 128 KB a
     block, half the register file, which otherwise leaves room for one row in flight.
@@ -273,7 +277,9 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     vec = vector_width(kernel, target)
     cacheable = (0,) if _legalized_bf16(kernel, target) and gpu else (1, 0)
     cache_rows = knobs.structural(sch, "cache_rows", cacheable)
-    cache_gamma = knobs.structural(sch, "cache_gamma", cacheable)
+    cache_gamma = knobs.structural(
+        sch, "cache_gamma", cacheable + ((GAMMA_SHARED,) if 1 in cacheable and target.family == "cuda" else ())
+    )
     chunked = knobs.structural(sch, "chunked", (0, 1))
     rows_per_step = knobs.structural(sch, "rows_per_step", ROWS_PER_STEP)
     explicit_unroll = knobs.structural(sch, "explicit_unroll", (1, 0))
@@ -288,6 +294,8 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
         threads = knobs.pick(sch, "threads", cands)
     # Not on ROCm yet: its ISA with staged rows is unchecked. CPUs have it so tests can check it.
     staged = knobs.structural(sch, "stage_rows", STAGE_ROWS if target.family != "rocm" and cache_rows else (0,))
+    if cache_gamma == GAMMA_SHARED and staged != 2:
+        raise ValueError("cache_gamma 2 (gamma in shared memory) needs stage_rows 2 (gamma widened once a block)")
     # Not with shared accumulators: their updates under the row predicate then need barriers TVM
     # cannot place ("Cannot insert syncs inside condition").
     prefetchable = target.family == "cuda" and cache_rows and not shared_acc
@@ -360,7 +368,8 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     readers = {"x": sch.get_sblock("xhat"), "dy": sch.get_sblock("dyf")} if staged else {"x": dx, "dy": dx}
     for name in (n for n in ("xhat", "dyg", "dyf", "gammaf") if n in kept):  # consumers before producers
         sch.compute_at(sch.get_sblock(name), outer if name == "gammaf" else row)
-        sch.set_scope(sch.get_sblock(name), 0, "local")
+        shared = name == "gammaf" and cache_gamma == GAMMA_SHARED
+        sch.set_scope(sch.get_sblock(name), 0, "shared.dyn" if shared else "local")
     caches = []
     # Every reader of x, dy and gamma shares its cache, so no consumer_blocks: trace simplification
     # drops the get_sblock instructions that only feed such a list.
@@ -646,6 +655,10 @@ def _backward_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[d
     # kept fp32 gamma made ptxas spill in every row (Nsight Compute: 2 local loads and stores a row
     # a warp, long-scoreboard stalls x2.4, bfloat16 N = 16384; bench/NOTES.md).
     found += [{**k, "cache_gamma": 0} for k in found if k.get("cluster") and k.get("stage_rows")]
+    # And with gamma widened once a block into shared memory: at 16-bit N = 16384 this took the
+    # halves from 164.4 to 159.5 us, at N = 8192 (no cluster, registers to spare) it cost 5 us.
+    shared_gamma = [{**k, "cache_gamma": GAMMA_SHARED} for k in found if k.get("cluster") and k.get("stage_rows") == 2]
+    found += _prefetchable(kernel, target, shared_gamma)
     unique = [base]
     for knobs in found:
         if knobs not in unique:
@@ -720,8 +733,8 @@ def registers_needed(kernel: Kernel, knobs: dict) -> int:
     cached_rows = knobs["rows_per_step"] - (1 if stage else 0) if knobs["cache_rows"] else 0
     rows = cached_rows * 2 * per_thread * words
     accumulators = 0 if knobs["shared_acc"] else 2 * per_thread
-    # gamma: this thread's slice, in the input dtype or (stage 2) widened to fp32.
-    gamma = (per_thread if stage == 2 else per_thread * words) if knobs["cache_gamma"] else 0
+    # gamma: this thread's slice, in the input dtype or (stage 2) widened to fp32; none when shared.
+    gamma = (per_thread if stage == 2 else per_thread * words) if knobs["cache_gamma"] == 1 else 0
     staging = per_thread * words if words < 1 else 0
     stages = {0: 0, 1: 3 * per_thread, 2: 2 * per_thread}[stage]  # xhat, dy (and dy*gamma) in fp32
     return int(rows + accumulators + gamma + staging + stages) + 20
@@ -729,12 +742,13 @@ def registers_needed(kernel: Kernel, knobs: dict) -> int:
 
 def shared_bytes_needed(kernel: Kernel, knobs: dict) -> int:
     """Dynamic shared memory of a CUDA backward block: prefetched rows of x and dy (depth + 1 steps
-    in flight) and shared dgamma/dbeta accumulators."""
+    in flight), shared dgamma/dbeta accumulators and gamma in fp32 (cache_gamma 2)."""
     columns = _block_hidden(kernel, knobs)
     row = columns * (4 if kernel.dtype == "float32" else 2)
     depth = knobs.get("prefetch", 0)
     rows = (depth + 1) * knobs["rows_per_step"] * 2 * row if depth else 0
-    return rows + (2 * columns * 4 if knobs["shared_acc"] else 0)
+    gamma = columns * 4 if knobs["cache_gamma"] == GAMMA_SHARED else 0
+    return rows + (2 * columns * 4 if knobs["shared_acc"] else 0) + gamma
 
 
 def _occupancies(kernel: Kernel, knobs: dict) -> list[int]:

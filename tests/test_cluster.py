@@ -187,14 +187,41 @@ print("__cluster_dims__(2, 1, 1)" in lib.mod.imports[0].inspect_source())
     assert out.stdout.strip().splitlines()[-1] == "True"
 
 
-def test_staged_halves_also_come_with_gamma_re_read_last_in_the_grid():
+def test_staged_halves_also_come_with_gamma_re_read_then_shared_last_in_the_grid():
     """Staged cluster halves with gamma kept in registers spilled at 64 registers; their twins that
-    re-read gamma come after every other variant, so earlier labels keep their knobs."""
+    re-read gamma, then those that keep it in shared memory, come after every other variant, so
+    earlier labels keep their knobs."""
     kernel = Kernel("backward", 16384, "bfloat16", 66)
     found = spaces.variants(kernel, SM90, database.baseline_knobs(kernel, SM90))
-    staged = [v for v in found if v["cluster"] and v["stage_rows"] and v["cache_gamma"]]
+    staged = [v for v in found if v["cluster"] and v["stage_rows"] and v["cache_gamma"] == 1]
     rereading = [v for v in found if v["cluster"] and v["stage_rows"] and not v["cache_gamma"]]
-    assert staged and len(rereading) == len(staged)
-    assert all({**v, "cache_gamma": 0} in rereading for v in staged)
+    shared = [v for v in found if v["cache_gamma"] == spaces.GAMMA_SHARED]
+    assert staged and len(rereading) == len(staged) == len(shared)
+    assert all({**v, "cache_gamma": 0} in rereading and {**v, "cache_gamma": 2} in shared for v in staged)
     first = found.index(rereading[0])
-    assert found[first:] == rereading
+    assert found[first:] == rereading + shared
+    assert all(v["stage_rows"] == 2 and v["prefetch"] for v in shared)
+
+
+def test_shared_gamma_is_widened_once_a_block_and_read_from_shared_memory():
+    """cache_gamma 2: the block's gamma slice goes to shared memory as fp32 before the row loop;
+    the rows read it there (no global gamma load in the loop), and the kernel keeps no barrier of
+    its own for it (each thread reads back only what it wrote)."""
+    kernel = Kernel("backward", 16384, "bfloat16", 66)
+    today = database.choose(kernel, SM90).knobs
+    reread, shared = ({**today, "stage_rows": 2, "cache_gamma": g} for g in (0, spaces.GAMMA_SHARED))
+    for knobs in (reread, shared):
+        assert database.exact_knobs(kernel, SM90, knobs) == knobs
+    sources = [
+        compile_module(tvm.IRModule({kernel.name: database.scheduled(kernel, SM90, k)}), SM90)
+        .mod.imports[0]
+        .inspect_source()
+        for k in (reread, shared)
+    ]
+    loops = [_kernel_body(s, kernel.name).split("for (int64_t i_", 1)[1] for s in sources]
+    assert "gamma_ptr[" in loops[0] and "gamma_ptr" not in loops[1]
+    before = _kernel_body(sources[1], kernel.name).split("for (int64_t i_", 1)[0]
+    assert before.count("gamma_ptr + ") == 1 and "((float*)buf_dyn_shmem_ptr)" in before
+    assert sources[1].count("__syncthreads()") == sources[0].count("__syncthreads()")
+    with pytest.raises(ValueError, match="stage_rows 2"):
+        database.scheduled(kernel, SM90, {**shared, "stage_rows": 0})
