@@ -16,7 +16,7 @@ import tvm
 from lntune import inspect
 from lntune.build import compile_module
 from lntune.select import STACK_LIMIT
-from schedules import cluster, database, spaces, tir_tree
+from schedules import cluster, cuda_source, database, spaces, tir_tree
 from schedules.knobs import Fixed
 from schedules.targets import get_target
 from te_ops.layer_norm import Kernel
@@ -80,8 +80,15 @@ def test_a_function_without_the_mark_is_left_as_it_is():
     assert cluster.with_cluster_exchange(sch.mod["main"]).same_as(sch.mod["main"])
 
 
+def _without_warps_exchange(monkeypatch) -> None:
+    """CUDA sources as the TIR exchange emits them: without the post-pass to the warps exchange."""
+    others = [r for r in cuda_source._REWRITES if r is not cluster.exchange_warp_partials]
+    monkeypatch.setattr(cuda_source, "_REWRITES", others)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_the_cuda_kernel_is_a_cluster_of_two_over_the_grid_x(dtype):
+def test_the_cuda_kernel_is_a_cluster_of_two_over_the_grid_x(dtype, monkeypatch):
+    _without_warps_exchange(monkeypatch)
     kernel = Kernel("backward", 16384, dtype, 132)
     func = database.scheduled(kernel, SM90, _cluster_knobs(kernel))
     source = compile_module(tvm.IRModule({kernel.name: func}), SM90).mod.imports[0].inspect_source()
@@ -225,3 +232,62 @@ def test_shared_gamma_is_widened_once_a_block_and_read_from_shared_memory():
     assert sources[1].count("__syncthreads()") == sources[0].count("__syncthreads()")
     with pytest.raises(ValueError, match="stage_rows 2"):
         database.scheduled(kernel, SM90, {**shared, "stage_rows": 0})
+
+
+def _selected_source(kernel: Kernel) -> str:
+    func = database.scheduled(kernel, SM90, database.choose(kernel, SM90).knobs)
+    return compile_module(tvm.IRModule({kernel.name: func}), SM90).mod.imports[0].inspect_source()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_counted_halves_exchange_warp_sums_with_no_block_barrier(dtype):
+    """The selected 16-bit N = 16384 kernels (counted exchange, 1024 threads) come out of the CUDA
+    post-pass with the warps exchange: every row's publish and collect, and no block barrier."""
+    kernel = Kernel("backward", 16384, dtype, 66)
+    body = _kernel_body(_selected_source(kernel), kernel.name)
+    assert body.count("lntune_cluster_publish_warps(") == body.count("lntune_cluster_collect_warps(") == 2
+    assert "lntune_cluster_start_warps();" in body and "lntune_cluster_finish_warps();" in body
+    assert "_counted(" not in body and "__syncthreads()" not in body
+    # Every thread of both blocks reaches the publish (thread 0 arrives for its block) and the
+    # collect (each waits): only the row predicate, the same in both blocks, guards them.
+    lines = body.splitlines()
+    for call in ("lntune_cluster_publish_warps(", "lntune_cluster_collect_warps("):
+        for at in (i for i, line in enumerate(lines) if call in line):
+            guard = lines[at - 1].strip()
+            assert guard.startswith("if (") and "threadIdx" not in guard and ("< M)" in guard or "<= M)" in guard)
+
+
+def test_the_warps_exchange_leaves_a_source_it_does_not_recognise_as_it_is(monkeypatch):
+    """Sources without a counted exchange (float32's tagged one) and counted ones whose allreduce is
+    not in TVM's expected form stay as they are, publish and collect alike."""
+    tagged = _selected_source(Kernel("backward", 16384, "float32", 132))
+    assert "_tagged(" in tagged and cluster.exchange_warp_partials(tagged) == tagged
+    _without_warps_exchange(monkeypatch)
+    counted = _selected_source(Kernel("backward", 16384, "bfloat16", 66))
+    assert "lntune_cluster_publish_counted(" in counted
+    assert "lntune_cluster_publish_warps(" in cluster.exchange_warp_partials(counted)
+    changed = counted.replace("__syncthreads();", "__syncthreads(); ", 1)  # one region not as expected
+    assert cluster.exchange_warp_partials(changed) == changed
+
+
+@pytest.mark.skipif(not shutil.which("nvcc"), reason="needs nvcc")
+def test_the_warps_exchange_compiles_without_barriers_or_spills():
+    source = _selected_source(Kernel("backward", 16384, "bfloat16", 66)).encode()
+    facts = inspect.cuda_resources(source, "sm_90a")["lntune_backward_bfloat16_n16384_p66"]
+    assert facts["stack"] == facts["spill_stores"] == 0
+
+
+def test_the_warps_exchange_takes_only_the_cluster_kernels_allreduce():
+    """In one source with a whole-row backward before the cluster kernel (export builds them all
+    into one), the earlier kernel's allreduce, which has the same staging stores, stays as it is."""
+    kernels = [Kernel("backward", 1024, "bfloat16", 1056), Kernel("backward", 16384, "bfloat16", 66)]
+    funcs = {k.name: database.scheduled(k, SM90, database.choose(k, SM90).knobs) for k in kernels}
+    source = compile_module(tvm.IRModule(funcs), SM90).mod.imports[0].inspect_source()
+    whole_row, halves = (_kernel_body(source, k.name) for k in kernels)
+    whole_row = whole_row[: whole_row.index("extern")] if "extern" in whole_row else whole_row
+    assert "red_buf_staging_ptr" in whole_row and whole_row.count("__syncthreads()") >= 2
+    assert "_warps(" not in whole_row
+    assert halves.count("lntune_cluster_collect_warps(") == 2 and "__syncthreads()" not in halves
+    if shutil.which("nvcc"):
+        facts = inspect.cuda_resources(source.encode(), "sm_90a")
+        assert set(facts) == set(funcs)

@@ -63,13 +63,16 @@ def test_a_one_warp_row_keeps_no_barrier_at_all():
 
 
 def test_cluster_halves_keep_their_exchange():
-    """A cluster kernel loses the pipeline's barriers only; its DSMEM exchange helpers stay called."""
+    """A cluster kernel loses the pipeline's barriers only: the lowered kernel keeps the row
+    allreduce's two (in the loop and in its last row) and calls the DSMEM exchange's helpers. (The
+    CUDA post-pass then trades these for the warps exchange, tests/test_cluster.py.)"""
     kernel = Kernel("backward", 16384, "bfloat16", 66)
     knobs = {**database.choose(kernel, SM90).knobs, "private_copies": 1}
     assert knobs["cluster"] == 2 and knobs["prefetch"] == 1
-    source = _source(kernel, knobs)
-    assert source.count("__syncthreads()") == 4
-    assert "lntune_cluster_counted" in source
+    lowered = _lowered_kernel(kernel, knobs)
+    assert _barriers(lowered) == 4
+    calls = [str(lowered).count(f'lntune_cluster_{step}_counted"') for step in ("publish", "collect")]
+    assert calls == [2, 2]  # by name, as the call's first argument (the helpers' source names them too)
 
 
 def test_private_copies_is_a_knob_of_prefetching_backwards_only():
