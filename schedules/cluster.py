@@ -13,7 +13,9 @@ TIR's dataflow cannot say "the partner block's value", so the exchange is a pair
 (`with_cluster_exchange`), and the kernel is marked `__cluster_dims__(2, 1, 1)` in its CUDA source
 (`add_cluster_dims`, a CUDA codegen post-processor): TVM's runtime launches the blockIdx extents
 as the grid, so the rank is blockIdx.x (0 or 1) and the two blocks of a cluster are the two halves
-of the same rows.
+of the same rows. A second post-processor (`exchange_warp_partials`) then trades, in kernels of
+the counted exchange, TVM's block allreduce and the exchange of block sums for an exchange of warp
+sums: one mbarrier wait a row and no block barrier.
 """
 
 from __future__ import annotations
