@@ -65,15 +65,19 @@ def compile_module(mod: tvm.IRModule, target: TargetInfo):
         return tvm.compile(mod, target=tvm_target, tir_pipeline=pipeline.PIPELINE)
 
 
-def kernels_for(hidden: int, dtype: str, target: TargetInfo, parts: int | None = None) -> list[Kernel]:
-    """The four kernels of one (hidden, dtype) variant; P as `lntune select --parts` chose it (the
-    committed selection.json) unless given."""
+def kernels_for(
+    hidden: int, dtype: str, target: TargetInfo, parts: int | None = None, granule: int | None = None
+) -> list[Kernel]:
+    """The four kernels of one (hidden, dtype) variant; P and the backward's chunk granule as
+    `lntune select --parts` chose them (the committed selection.json) unless given."""
     if parts is None:
         parts = database.selected_parts(target, hidden, dtype)
+    if granule is None:
+        granule = database.selected_granule(target, hidden, dtype)
     return [
         Kernel("forward", hidden, dtype),
         Kernel("forward_stats", hidden, dtype),
-        Kernel("backward", hidden, dtype, parts),
+        Kernel("backward", hidden, dtype, parts, granule),
         Kernel("backward_sum", hidden, dtype, parts),
     ]
 

@@ -87,15 +87,18 @@ def cmd_prune(args) -> int:
     from schedules.database import TUNING_LOGS, workload_hash
     from schedules.targets import get_target
     from schedules.tune import exclusive, prune
+    from te_ops.layer_norm import GRANULES
 
     target = get_target(args.target)
-    # Records at the rule's P stay too: a kernel at a selected P takes its knobs from them.
+    # Records at the rule's P and the default granule stay too: a kernel at a selected P or granule
+    # takes its knobs from them.
     live = {
         workload_hash(k, target)
         for n in args.hidden
         for d in args.dtype
         for p in (None, spaces.parts_for(target, n, d))
-        for k in kernels_for(n, d, target, p)
+        for g in GRANULES
+        for k in kernels_for(n, d, target, p, g)
     }
     log_dir = Path(args.log_dir or TUNING_LOGS / target.name)
     with exclusive(log_dir):

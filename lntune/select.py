@@ -32,7 +32,7 @@ from lntune.build import compile_module, kernels_for
 from lntune.inspect import stack_frame_bytes
 from schedules import database, spaces
 from schedules.targets import TargetInfo, get_target
-from te_ops.layer_norm import OPS, Kernel
+from te_ops.layer_norm import GRANULES, OPS, ROW_GRANULE, Kernel
 
 SELECTION = "selection.json"
 # Relative-norm distance from the reference's outputs that a candidate may have (summation order only).
@@ -372,10 +372,11 @@ def select(
 
 
 def select_parts(target_name: str, hidden: list[int], dtypes: list[str], elements: int = 1 << 26, log=print) -> Path:
-    """Choose P per (N, dtype): time the backward and its partials sum at every
-    spaces.parts_candidates P (counted in blocks of a cluster kernel's chunk) with today's knobs,
-    keep the P with the least total in selection.json (read by build.kernels_for), and give the
-    kernels at that P verdicts with the knobs timed."""
+    """Choose P and the backward's chunk granule per (N, dtype): time the backward and its partials
+    sum at every spaces.parts_candidates P (counted in blocks of a cluster kernel's chunk) with
+    today's knobs, the backward at each granule those knobs allow (chunks of single rows need one
+    row a step), keep the least total in selection.json (read by build.kernels_for), and give the
+    kernels chosen verdicts with the knobs timed."""
     target = get_target(target_name)
     folder = database.TUNING_LOGS / target.name
     path = folder / SELECTION
@@ -383,33 +384,44 @@ def select_parts(target_name: str, hidden: list[int], dtypes: list[str], element
     plan, sources = {}, {}
     for n in hidden:
         for dtype in dtypes:
-            kernels = kernels_for(n, dtype, target, database.selected_parts(target, n, dtype, selection))
-            backward = [k for k in kernels if k.op.startswith("backward")]
+            chunking = (
+                database.selected_parts(target, n, dtype, selection),
+                database.selected_granule(target, n, dtype, selection),
+            )
+            backward = [k for k in kernels_for(n, dtype, target, *chunking) if k.op.startswith("backward")]
             choices = {k: database.choose(k, target, records, selection) for k in backward}
             blocks = max(choice.knobs.get("cluster", 0) or 1 for choice in choices.values())
             for kernel, choice in choices.items():
-                for moved in (replace(kernel, parts=parts) for parts in spaces.parts_candidates(target, blocks)):
-                    plan[moved], sources[moved] = {"today": choice.knobs}, choice.source
-    timed: dict[tuple[int, str], dict[int, dict[str, float]]] = {}
+                for parts in spaces.parts_candidates(target, blocks):
+                    for granule in _granules(kernel, choice.knobs):
+                        moved = replace(kernel, parts=parts, granule=granule)
+                        plan[moved], sources[moved] = {"today": choice.knobs}, choice.source
+    timed: dict[tuple[int, str], dict[tuple[int, int], dict[str, float]]] = {}
+    sums: dict[tuple[int, str], dict[int, float]] = {}
     rows_of = {}
     for result in time_plan(target, plan, elements, log):
         kernel = result.kernel
         if "today" in result.us:
-            at_parts = timed.setdefault((kernel.hidden, kernel.dtype), {}).setdefault(kernel.parts, {})
-            at_parts[kernel.op] = result.us["today"]
             rows_of[kernel.hidden] = result.rows
-    for (n, dtype), by_parts in timed.items():
-        totals = {p: sum(ops.values()) for p, ops in by_parts.items() if len(ops) == 2}
+            if kernel.op == "backward":
+                timed.setdefault((kernel.hidden, kernel.dtype), {})[kernel.parts, kernel.granule] = result.us["today"]
+            else:
+                sums.setdefault((kernel.hidden, kernel.dtype), {})[kernel.parts] = result.us["today"]
+    for (n, dtype), by_chunking in timed.items():
+        summed = sums.get((n, dtype), {})
+        totals = {pg: us + summed[pg[0]] for pg, us in by_chunking.items() if pg[0] in summed}
         if not totals:
             log(f"{dtype} N={n}: no P had both kernels run; P left as it was")
             continue
-        best = min(totals, key=totals.get)
-        us = {str(p): round(t, 1) for p, t in sorted(totals.items(), key=lambda item: item[1])}
-        selection[database.parts_key(n, dtype)] = {"parts": best, "rows": rows_of[n], "us": us}
-        for op, op_us in by_parts[best].items():
-            kernel = Kernel(op, n, dtype, best)
+        best, granule = min(totals, key=totals.get)
+        us = {_chunking_label(*pg): round(t, 1) for pg, t in sorted(totals.items(), key=lambda item: item[1])}
+        selection[database.parts_key(n, dtype)] = {"parts": best, "granule": granule, "rows": rows_of[n], "us": us}
+        for kernel, op_us in (
+            (Kernel("backward", n, dtype, best, granule), by_chunking[best, granule]),
+            (Kernel("backward_sum", n, dtype, best), summed[best]),
+        ):
             if selection.get(kernel.name, {}).get("knobs") == plan[kernel]["today"]:
-                continue  # P unchanged: the verdict that chose these knobs, with all its timings, stays
+                continue  # chunking unchanged: the verdict that chose these knobs, with all its timings, stays
             selection[kernel.name] = {
                 "choice": "variant",
                 "label": "today",
@@ -418,9 +430,23 @@ def select_parts(target_name: str, hidden: list[int], dtypes: list[str], element
                 "us": {"today": round(op_us, 1)},
                 "record": f"select --parts: {sources[kernel]}",
             }
-        log(f"{dtype:<9} N={n:<6} P={best:<5} backward + sum {totals[best]:8.1f} us  (every P: {us})")
+        chosen = _chunking_label(best, granule)
+        log(f"{dtype:<9} N={n:<6} P={chosen:<7} backward + sum {totals[best, granule]:8.1f} us  (every P: {us})")
         path.write_text(json.dumps(selection, indent=1, sort_keys=True) + "\n")
     return path
+
+
+def _granules(kernel: Kernel, knobs: dict) -> tuple[int, ...]:
+    """The chunk granules select --parts times a kernel at: a backward's that its knobs' rows per
+    step allow (the partials sum has no chunks)."""
+    if kernel.op != "backward":
+        return (ROW_GRANULE,)
+    return tuple(g for g in GRANULES if knobs.get("rows_per_step", 1) in spaces.steps_for(replace(kernel, granule=g)))
+
+
+def _chunking_label(parts: int, granule: int) -> str:
+    """P, and the granule when it is not te_ops' default: "66", "66g1"."""
+    return f"{parts}" if granule == ROW_GRANULE else f"{parts}g{granule}"
 
 
 # Candidates this close to the fastest count as tied, and are timed again at SMALL_ROWS rows (the

@@ -19,7 +19,7 @@ import tvm_ffi
 from schedules import cluster, dependent_launch, private_copies, spaces
 from schedules.knobs import IMPLICIT_UNROLL_KEY, Fixed, Recorder
 from schedules.targets import TargetInfo
-from te_ops.layer_norm import Kernel
+from te_ops.layer_norm import GRANULES, ROW_GRANULE, Kernel
 
 ROOT = Path(__file__).resolve().parent.parent
 TUNING_LOGS = ROOT / "tuning_logs"
@@ -190,6 +190,15 @@ def parts_key(hidden: int, dtype: str) -> str:
     return f"parts:{dtype}:n{hidden}"
 
 
+def selected_granule(target: TargetInfo, hidden: int, dtype: str, selection: dict | None = None) -> int:
+    """The rows the backward of (hidden, dtype) rounds its chunks to: `lntune select --parts`'s
+    choice in selection.json, else te_ops' ROW_GRANULE."""
+    if selection is None:
+        selection = read_selection(TUNING_LOGS / target.name)
+    granule = selection.get(parts_key(hidden, dtype), {}).get("granule", ROW_GRANULE)
+    return granule if granule in GRANULES else ROW_GRANULE
+
+
 def selected_parts(target: TargetInfo, hidden: int, dtype: str, selection: dict | None = None) -> int:
     """P for the backward of (hidden, dtype): the measured choice in selection.json, else the rule's."""
     if selection is None:
@@ -224,6 +233,11 @@ def _record_sources(kernel: Kernel, target: TargetInfo) -> list[tuple[Kernel, st
     """Whose tuned record a kernel may use, in order: its own; the same kernel at the rule's P (P only
     sizes the row chunks, the knobs do not depend on it); its 16-bit twin's (same vector width and
     thread candidates, so the decisions carry over). All but the first are marked, and untimed."""
+    if kernel.granule != ROW_GRANULE:  # chunks of other sizes: the same schedule, records at the default
+        return [(kernel, "tuned")] + [
+            (k, label if label.startswith("transfer") else "transfer:granule")
+            for k, label in _record_sources(replace(kernel, granule=ROW_GRANULE), target)
+        ]
     sources = [(kernel, "tuned")]
     rule = spaces.parts_for(target, kernel.hidden, kernel.dtype) if kernel.parts else kernel.parts
     if rule != kernel.parts:

@@ -75,6 +75,11 @@ def clusterable(kernel: Kernel, target: TargetInfo) -> bool:
     return target.has_clusters and kernel.hidden >= CLUSTER_MIN_HIDDEN and halves
 
 
+def steps_for(kernel: Kernel) -> tuple[int, ...]:
+    """The backward's rows_per_step candidates: steps that its chunks' granule rows divide into."""
+    return tuple(step for step in ROWS_PER_STEP if kernel.granule % step == 0)
+
+
 def rows_per_block_candidates(target: TargetInfo) -> tuple[int, ...]:
     """Rows per thread block in the row-wise kernels (threadIdx.y).
 
@@ -281,7 +286,7 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
         sch, "cache_gamma", cacheable + ((GAMMA_SHARED,) if 1 in cacheable and target.family == "cuda" else ())
     )
     chunked = knobs.structural(sch, "chunked", (0, 1))
-    rows_per_step = knobs.structural(sch, "rows_per_step", ROWS_PER_STEP)
+    rows_per_step = knobs.structural(sch, "rows_per_step", steps_for(kernel))
     explicit_unroll = knobs.structural(sch, "explicit_unroll", (1, 0))
     shared_acc = knobs.structural(sch, "shared_acc", (0, 1) if target.family == "cuda" else (0,))
     threads_per_sm = knobs.structural(sch, "threads_per_sm", THREADS_PER_SM if target.family == "cuda" else (0,))
@@ -315,7 +320,7 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     row_nests = []
     for block in (reduce, sch.get_sblock("dx")):
         loops = sch.get_loops(block)
-        rows = sch.split(loops[0], [kernel.parts, None, ROW_GRANULE])
+        rows = sch.split(loops[0], [kernel.parts, None, kernel.granule])
         if split:
             rank = loops[1] if block == reduce else sch.split(loops[1], [split, None])[0]
             rows = (rows[0], rank, *rows[1:])
@@ -332,7 +337,7 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
             rank, j = sch.split(j, [split, None])
             ranks = (rank,)
         sch.reorder(p, *ranks, r, j)
-        row_nests.append((p, *ranks, *sch.split(r, [None, ROW_GRANULE])))
+        row_nests.append((p, *ranks, *sch.split(r, [None, kernel.granule])))
         accumulators.append(acc)
     # compute_at cannot line these up (the partials do not consume dx), so merge the nests' loops.
     merged = [sch.merge(*[n[level] for n in row_nests]) for level in range(len(row_nests[0]))]
@@ -377,7 +382,7 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
         cache = sch.cache_read(readers[buffer], _read_index(sch, readers[buffer], buffer), "local")
         sch.compute_at(cache, step)
         if rows_per_step > 1:
-            # Steps start at an even row (chunks are ROW_GRANULE multiples), so row % step names the
+            # Steps start at an even row (chunks are `granule` multiples), so row % step names the
             # slot; left to buffer compaction, symbolic M's bounds check keeps the cache M rows long.
             sch.transform_layout(
                 cache, ("write", 0), lambda i, j: (i % rows_per_step, j), assume_injective_transform=True
@@ -661,7 +666,7 @@ def _backward_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[d
     found += _prefetchable(kernel, target, shared_gamma)
     unique = [base]
     for knobs in found:
-        if knobs not in unique:
+        if knobs not in unique and knobs["rows_per_step"] in steps_for(kernel):
             unique.append(knobs)
     return unique[1:]
 

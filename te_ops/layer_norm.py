@@ -17,8 +17,11 @@ ACC = "float32"
 DTYPES = ("float32", "float16", "bfloat16")
 OPS = ("forward", "forward_stats", "backward", "backward_sum")
 # Backward chunks hold a multiple of this many rows, so a schedule can step through them that many
-# at a time without a remainder (schedules.spaces.ROWS_PER_STEP).
+# at a time without a remainder (schedules.spaces.ROWS_PER_STEP). A backward may instead round its
+# chunks to single rows (Kernel.granule 1): one row a step only, but no block gets a row more than
+# it must (M = 4096 over 66 chunks: 63 rows at most, not 64).
 ROW_GRANULE = 2
+GRANULES = (ROW_GRANULE, 1)
 # Stages of the backward that a schedule keeps in registers or inlines: per element, and "crow",
 # the row's (c1/N, c2/N) as one two-element row. As two one-element stages (fourth session), TVM
 # 0.27 wrote them into the allreduce's shared result in place from every thread: a race. Likely
@@ -97,11 +100,11 @@ _SUM_PAIR = te.comm_reducer(
 )
 
 
-def backward(n: int, dtype: str, parts: int, rows: int | None = None):
+def backward(n: int, dtype: str, parts: int, rows: int | None = None, granule: int = ROW_GRANULE):
     """dx and fp32 partial dgamma/dbeta over `parts` contiguous chunks of rows, in one pass.
 
     Chunk p covers rows p*R .. p*R+R-1 with R = ceil(M / parts) rounded up to a multiple of
-    ROW_GRANULE; rows past M add zero. The mask sits
+    `granule` rows; rows past M add zero. The mask sits
     inside the summand because te.create_prim_func drops te.sum(where=...).
     """
     rows = _rows(rows)
@@ -131,7 +134,7 @@ def backward(n: int, dtype: str, parts: int, rows: int | None = None):
 
     dx = te.compute((rows, _dim(n)), grad_x, name="dx")
 
-    chunk = (rows + ROW_GRANULE * parts - 1) // (ROW_GRANULE * parts) * ROW_GRANULE
+    chunk = (rows + granule * parts - 1) // (granule * parts) * granule
     r1 = te.reduce_axis((0, chunk), "r1")
     r2 = te.reduce_axis((0, chunk), "r2")
 
@@ -168,12 +171,14 @@ _BUILDERS = {"forward": forward, "forward_stats": forward_stats, "backward": bac
 
 @dataclass(frozen=True)
 class Kernel:
-    """One compiled function: which op, for which hidden size and dtype (and partial count P)."""
+    """One compiled function: which op, for which hidden size and dtype (and partial count P, and
+    for the backward the rows its chunks are rounded to)."""
 
     op: str
     hidden: int
     dtype: str
     parts: int = 0
+    granule: int = ROW_GRANULE
 
     def __post_init__(self) -> None:
         if self.op not in _BUILDERS:
@@ -184,16 +189,20 @@ class Kernel:
             raise ValueError(f"hidden must be >= 1, got {self.hidden}")
         if self.op.startswith("backward") and self.parts < 1:
             raise ValueError(f"{self.op} needs parts >= 1, got {self.parts}")
+        if self.granule != ROW_GRANULE and (self.op != "backward" or self.granule not in GRANULES):
+            raise ValueError(f"granule must be one of {GRANULES} and only a backward's, got {self.granule} ({self.op})")
 
     @property
     def name(self) -> str:
         suffix = f"_p{self.parts}" if self.op.startswith("backward") else ""
+        suffix += f"g{self.granule}" if self.granule != ROW_GRANULE else ""
         return f"lntune_{self.op}_{self.dtype}_n{self.hidden}{suffix}"
 
     def tensors(self, rows: int | None = None):
         """TE tensors of the kernel's arguments; `rows` fixes M, None keeps it symbolic."""
         shape = (self.hidden, self.dtype, self.parts) if self.op.startswith("backward") else (self.hidden, self.dtype)
-        return _BUILDERS[self.op](*shape, rows=rows)
+        chunking = {"granule": self.granule} if self.op == "backward" else {}
+        return _BUILDERS[self.op](*shape, rows=rows, **chunking)
 
     def prim_func(self, rows: int | None = None, eps: float | None = None) -> tirx.PrimFunc:
         """The unscheduled PrimFunc; export builds it with symbolic M and a runtime eps.

@@ -4,10 +4,12 @@ import json
 import re
 import warnings
 
+import numpy as np
 import pytest
 import tvm
 import tvm_ffi
 
+from lntune import select
 from lntune.build import compile_module, kernels_for
 from schedules import database, spaces
 from schedules.knobs import Fixed, Sampled, decisions_of
@@ -394,3 +396,33 @@ def test_rocm_takes_cuda_selected_knobs_but_not_the_nvcc_ones(tmp_path, monkeypa
     assert choice.source.startswith("transfer:cuda-sm90:untimed:selected")
     assert choice.knobs["threads"] == 96 and choice.knobs["unroll"] == 16
     assert (choice.knobs["rows_per_step"], choice.knobs["explicit_unroll"]) == (1, 1)
+
+
+def test_single_row_chunks_split_the_rows_evenly_and_keep_one_row_a_step():
+    """granule 1: chunks of ceil(M / P) rows (41 rows over 4 chunks: 11, 11, 11, 8, where the default
+    rounds to 12, 12, 12, 5), each partial row the sum over exactly its chunk; dx is the same bits;
+    two rows a step are not offered (they need chunks of even rows)."""
+    target = get_target("llvm")
+    rows, hidden, parts = 41, 64, 4
+    even, single = Kernel("backward", hidden, "float32", parts), Kernel("backward", hidden, "float32", parts, 1)
+    assert single.name == even.name + "g1" and single.tensors()[6].shape[0] == parts
+    assert spaces.steps_for(single) == (1,) and spaces.steps_for(even) == (1, 2)
+    sm90 = get_target("cuda-sm90")
+    found = spaces.variants(single, sm90, database.baseline_knobs(single, sm90))
+    assert found and all(v["rows_per_step"] == 1 for v in found)
+    with pytest.raises(ValueError, match="granule"):
+        Kernel("backward_sum", hidden, "float32", parts, 1)
+    args = select.device_arguments(even, rows, tvm.cpu(), np.random.default_rng(0))
+    dy, x, mean, rstd = (a.numpy().astype(np.float64) for a in args[:4])
+    xhat = (x - mean[:, None]) * rstd[:, None]
+    outputs = []
+    for kernel in (even, single):
+        lib = select._library(kernel, target, database.choose(kernel, target).knobs)
+        outputs.append(select._run_once(lib.mod, kernel.name, args, [5, 6, 7]))
+    assert np.array_equal(outputs[0][0], outputs[1][0])  # dx
+    for (_, dgamma_part, dbeta_part), chunk in zip(outputs, (12, 11), strict=True):
+        for p in range(parts):
+            chunk_rows = slice(p * chunk, min(rows, (p + 1) * chunk))
+            want_g, want_b = (dy[chunk_rows] * xhat[chunk_rows]).sum(0), dy[chunk_rows].sum(0)
+            assert np.allclose(dgamma_part[p], want_g, rtol=1e-5, atol=1e-4), (chunk, p)
+            assert np.allclose(dbeta_part[p], want_b, rtol=1e-5, atol=1e-4), (chunk, p)

@@ -227,25 +227,34 @@ def test_a_partials_sum_is_timed_after_the_backward_that_writes_its_partials(mon
 
 
 def test_select_parts_keeps_the_fastest_p_and_export_builds_at_it(tmp_path, monkeypatch):
-    """select --parts on the CPU over two P: the verdict is the least total, and export, kernels_for and
-    the runner all take that P, with correct results where chunks end mid-matrix."""
+    """select --parts on the CPU over two P and both chunk granules (today's knobs take one row a
+    step): the verdict is the least total, and export, kernels_for and the runner all take that P
+    and granule, with correct results where chunks end mid-matrix."""
     (tmp_path / "llvm").mkdir()
     monkeypatch.setattr(database, "TUNING_LOGS", tmp_path)
     monkeypatch.setattr(spaces, "parts_candidates", lambda target, blocks=1: [16, 6])
     sel.select_parts("llvm", [64], ["float32"], elements=64 * 40, log=lambda *_: None)
     selection = json.loads((tmp_path / "llvm" / "selection.json").read_text())
     entry = selection[database.parts_key(64, "float32")]
-    assert set(entry["us"]) == {"16", "6"} and entry["us"][str(entry["parts"])] == min(entry["us"].values())
-    chosen = entry["parts"]
+    assert set(entry["us"]) == {"16", "6", "16g1", "6g1"}
+    chosen, granule = entry["parts"], entry["granule"]
+    assert entry["us"][sel._chunking_label(chosen, granule)] == min(entry["us"].values())
     target = get_target("llvm")
-    assert [k.parts for k in kernels_for(64, "float32", target) if k.parts] == [chosen, chosen]
+    kernels = [k for k in kernels_for(64, "float32", target) if k.parts]
+    assert [(k.parts, k.granule) for k in kernels] == [(chosen, granule), (chosen, 2)]
     manifest = export("llvm", [64], ["float32"], tmp_path / "lib", logs_dir=tmp_path, log=lambda *_: None)
     backward = next(v for v in manifest["variants"] if v["op"] == "backward")
     assert backward["parts"] == chosen and backward["schedule"].startswith("selected:today")
-    lib = load(tmp_path / "lib")
-    for rows in (1, 7, 41):
-        bad = [r for r in check_variant(lib, 64, "float32", rows, np.random.default_rng()) if not r.ok]
-        assert not bad, [(r.op, r.output, r.error) for r in bad]
+    assert backward["function"] == kernels[0].name
+    # Both granules, whichever won: export, the runner and the results (41 rows: chunks end mid-matrix).
+    for granule in (1, 2):
+        entry["granule"] = granule
+        (tmp_path / "llvm" / "selection.json").write_text(json.dumps(selection))
+        export("llvm", [64], ["float32"], tmp_path / f"lib{granule}", logs_dir=tmp_path, log=lambda *_: None)
+        lib = load(tmp_path / f"lib{granule}")
+        for rows in (1, 7, 41):
+            bad = [r for r in check_variant(lib, 64, "float32", rows, np.random.default_rng()) if not r.ok]
+            assert not bad, [(granule, r.op, r.output, r.error) for r in bad]
 
 
 def test_focus_keeps_the_baseline_todays_choice_and_the_variants_setting_the_knob():
