@@ -153,7 +153,8 @@ __device__ __forceinline__ void lntune_cluster_finish_tagged() { lntune_cluster_
 """
 )
 PROTOCOLS = {"counted": _COUNTED, "tagged": _TAGGED}
-# "warps", a CUDA-source upgrade of "counted" (exchange_warp_partials): lane 0 of every warp sends
+# "warps", a CUDA-source upgrade of "counted" (exchange_warp_partials), on its barriers, start and
+# finish (the counted helpers are in every source it rewrites): lane 0 of every warp sends
 # its warp's partial sums with st.async into one slot of both blocks ([row parity][writer's
 # rank][warp]), counted on each block's mbarrier for the row parity (2 ranks x warps x 8 bytes);
 # every thread waits for the phase, then each warp adds the 2 x 32 slots in one fixed order (rank
@@ -166,20 +167,8 @@ __device__ __forceinline__ float2* lntune_cluster_warps_slots() {
   __shared__ float2 slots[2 * 2 * 32];
   return slots;
 }
-__device__ __forceinline__ unsigned lntune_cluster_warps_bar(int rel) {
-  __shared__ unsigned long long bars[2];
-  return (unsigned)__cvta_generic_to_shared(&bars[rel & 1]);
-}
-__device__ __forceinline__ void lntune_cluster_start_warps() {
-  if (threadIdx.x < 2) {
-    unsigned bar = lntune_cluster_warps_bar(threadIdx.x);
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\\n" :: "r"(bar) : "memory");
-  }
-  asm volatile("fence.mbarrier_init.release.cluster;\\n" ::: "memory");
-  lntune_cluster_barrier();
-}
 __device__ __forceinline__ void lntune_cluster_publish_warps(float a, float b, int rel) {
-  unsigned bar = lntune_cluster_warps_bar(rel);
+  unsigned bar = lntune_cluster_counted_bar(rel);
   if (threadIdx.x == 0) {
     unsigned bytes = 2u * (blockDim.x / 32u) * 8u;
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\\n" :: "r"(bar), "r"(bytes) : "memory");
@@ -200,7 +189,7 @@ __device__ __forceinline__ void lntune_cluster_publish_warps(float a, float b, i
   }
 }
 __device__ __forceinline__ float2 lntune_cluster_collect_warps(int rel) {
-  unsigned done, bar = lntune_cluster_warps_bar(rel), phase = ((unsigned)rel >> 1) & 1u;
+  unsigned done, bar = lntune_cluster_counted_bar(rel), phase = ((unsigned)rel >> 1) & 1u;
   do {
     asm volatile("{\\n .reg .pred p;\\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\\n"
                  " selp.u32 %0, 1, 0, p;\\n}\\n" : "=r"(done) : "r"(bar), "r"(phase) : "memory");
@@ -219,7 +208,6 @@ __device__ __forceinline__ float2 lntune_cluster_collect_warps(int rel) {
   }
   return make_float2(a, b);
 }
-__device__ __forceinline__ void lntune_cluster_finish_warps() { lntune_cluster_barrier(); }
 """
 
 
@@ -424,9 +412,10 @@ def exchange_warp_partials(code: str) -> str:
 
     The block allreduce cost two block barriers a row and the exchange waited for the partner's
     block sum on top; with warp sums sent straight to both blocks, one mbarrier wait a row covers
-    both. H100, backward alone, today's 16-bit N = 16384 kernels: 157.7 -> 156.6 us (bfloat16),
-    157.9 -> 156.3 (float16); outputs within 1.2e-5 of the counted exchange's, bitwise equal
-    from run to run (bench/NOTES.md)."""
+    both. H100, backward alone, the 16-bit N = 16384 kernels with two-row chunks: 157.6 -> 156.3 us
+    (bfloat16), 157.6 -> 156.4 (float16); with today's single-row chunks 153.4 either way
+    (bfloat16), 153.2 -> 152.8 (float16); outputs within 1.2e-5 of the counted exchange's, bitwise
+    equal from run to run (bench/NOTES.md)."""
     publishes = code.count("lntune_cluster_publish_counted(((volatile")
 
     def exchange(m: re.Match) -> str:
@@ -438,10 +427,8 @@ def exchange_warp_partials(code: str) -> str:
     rewritten, collected = _COLLECT_BLOCK_SUMS.subn(lambda m: f"{helper('collect', 'warps')}({m['rel']});", rewritten)
     if not publishes or not matched == collected == publishes:
         return code
-    for step in ("start", "finish"):
-        rewritten = rewritten.replace(f"{helper(step, 'counted')}();", f"{helper(step, 'warps')}();")
-    first_kernel = rewritten.index('extern "C" __global__')
-    helpers = f"{_BARRIER}\n#ifndef LNTUNE_CLUSTER_WARPS\n#define LNTUNE_CLUSTER_WARPS\n{_WARPS}#endif\n"
+    first_kernel = rewritten.index('extern "C" __global__')  # after the counted helpers, which it uses
+    helpers = f"\n#ifndef LNTUNE_CLUSTER_WARPS\n#define LNTUNE_CLUSTER_WARPS\n{_WARPS}#endif\n"
     return rewritten[:first_kernel] + helpers + rewritten[first_kernel:]
 
 

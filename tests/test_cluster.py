@@ -246,8 +246,8 @@ def test_counted_halves_exchange_warp_sums_with_no_block_barrier(dtype):
     kernel = Kernel("backward", 16384, dtype, 66)
     body = _kernel_body(_selected_source(kernel), kernel.name)
     assert body.count("lntune_cluster_publish_warps(") == body.count("lntune_cluster_collect_warps(") == 2
-    assert "lntune_cluster_start_warps();" in body and "lntune_cluster_finish_warps();" in body
-    assert "_counted(" not in body and "__syncthreads()" not in body
+    assert "lntune_cluster_start_counted();" in body and "lntune_cluster_finish_counted();" in body  # its barriers
+    assert "_publish_counted(" not in body and "_collect_counted(" not in body and "__syncthreads()" not in body
     # Every thread of both blocks reaches the publish (thread 0 arrives for its block) and the
     # collect (each waits): only the row predicate, the same in both blocks, guards them.
     lines = body.splitlines()
