@@ -449,6 +449,12 @@ def _chunking_label(parts: int, granule: int) -> str:
     return f"{parts}" if granule == ROW_GRANULE else f"{parts}g{granule}"
 
 
+def parse_chunking(label: str) -> tuple[int, int]:
+    """(P, granule) of a chunking label ("66", "66g1"), as select --parts writes them."""
+    parts, _, granule = label.partition("g")
+    return int(parts), int(granule) if granule else ROW_GRANULE
+
+
 # Candidates this close to the fastest count as tied, and are timed again at SMALL_ROWS rows (the
 # smallest M the issue asks about), where the fastest of them wins. Timed at one M (about 2**26
 # elements), a block of 128 threads won bfloat16 N = 4096 by 1 % and was then 0.72x ATen at

@@ -239,6 +239,7 @@ def test_select_parts_keeps_the_fastest_p_and_export_builds_at_it(tmp_path, monk
     assert set(entry["us"]) == {"16", "6", "16g1", "6g1"}
     chosen, granule = entry["parts"], entry["granule"]
     assert entry["us"][sel._chunking_label(chosen, granule)] == min(entry["us"].values())
+    assert [sel.parse_chunking(label) for label in ("6g1", "16")] == [(6, 1), (16, 2)]
     target = get_target("llvm")
     kernels = [k for k in kernels_for(64, "float32", target) if k.parts]
     assert [(k.parts, k.granule) for k in kernels] == [(chosen, granule), (chosen, 2)]

@@ -2,6 +2,8 @@
 
     python3 bench/experiments/knob_probe.py N DTYPE P [--once] [KNOB=V,KNOB=V ...]
 
+P as select --parts writes it: "66", or "66g1" for chunks rounded to single rows.
+
 Each argument after the options is one variant: today's selected knobs with those values changed
 ("" or "today": unchanged). With --once each variant runs once, in the order given, for Nsight
 Compute (`ncu -k regex:lntune_backward ...`; the launches come in that order); without it each is
@@ -32,11 +34,11 @@ def _changed(text: str) -> dict[str, int]:
 
 
 def main() -> None:
-    hidden, dtype, parts = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    hidden, dtype, (parts, granule) = int(sys.argv[1]), sys.argv[2], select.parse_chunking(sys.argv[3])
     once = "--once" in sys.argv
     labels = [a for a in sys.argv[4:] if a != "--once"] or ["today"]
     target, device = get_target("cuda-sm90"), tvm.cuda()
-    kernel = Kernel("backward", hidden, dtype, parts)
+    kernel = Kernel("backward", hidden, dtype, parts, granule)
     today = database.choose(kernel, target).knobs
     rows = (1 << 26) // hidden
     args = select.device_arguments(kernel, rows, device, np.random.default_rng(0))

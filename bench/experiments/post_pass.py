@@ -2,6 +2,8 @@
 
     python3 bench/experiments/post_pass.py OUT.json REWRITE N,DTYPE,P [N,DTYPE,P ...]
 
+P as select --parts writes it: "66", or "66g1" for chunks rounded to single rows.
+
 REWRITE names a function registered with schedules.cuda_source.add (`whole_vector_stores`,
 `exchange_warp_partials`, ...). Each kernel is built as export builds it, and again without that
 rewrite; both run on two sets of fresh inputs (NaN-poisoned outputs: every element written?), the
@@ -80,7 +82,7 @@ def main() -> None:
     results = {"rewrite": name, "device": tvm.cuda().device_name, "kernels": {}}
     for case in cases:
         hidden, dtype, parts = case.split(",")
-        kernel = Kernel("backward", int(hidden), dtype, int(parts))
+        kernel = Kernel("backward", int(hidden), dtype, *select.parse_chunking(parts))
         results["kernels"][kernel.name] = found = compare(kernel, name)
         print(kernel.name, json.dumps({k: v for k, v in found.items() if k != "knobs"}), flush=True)
     out.write_text(json.dumps(results, indent=1))
