@@ -665,7 +665,7 @@ def _backward_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[d
     shared_gamma = [{**k, "cache_gamma": GAMMA_SHARED} for k in found if k.get("cluster") and k.get("stage_rows") == 2]
     found += _prefetchable(kernel, target, shared_gamma)
     unique = [base]
-    for knobs in found:
+    for knobs in found:  # chunks of single rows (Kernel.granule 1) take one row a step only
         if knobs not in unique and knobs["rows_per_step"] in steps_for(kernel):
             unique.append(knobs)
     return unique[1:]
