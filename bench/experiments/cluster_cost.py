@@ -11,6 +11,9 @@ deadlocks is killed and reported): outputs hashed on NaN-poisoned buffers, compa
 first protocol's (the protocols move the same sums, so the same bits), and timed with TVM's
 time_evaluator (median).
 
+Since the twelfth session a kernel built with "counted" gets the warps exchange from the CUDA
+post-pass (schedules.cluster.exchange_warp_partials); experiments/post_pass.py compares the two.
+
 Measured 2026-11-26 on the H100 (results/cluster-protocols-16384-H100-2026-11-26.json, run
 with the protocols then called release = tagged, mbarrier = counted):
 - bfloat16: tagged 219.8, counted 190.0, none 194.6 us; float16: 203.1, 184.1, 177.2 us;
