@@ -116,7 +116,8 @@ def export(
     mod, variants = tvm.IRModule(), []
     for n in hidden:
         for dtype in dtypes:
-            for kernel in kernels_for(n, dtype, target, database.selected_parts(target, n, dtype, selection)):
+            chunking = database.selected_chunking(target, n, dtype, selection)
+            for kernel in kernels_for(n, dtype, target, *chunking):
                 choice = database.choose(kernel, target, records, selection)
                 mod[kernel.name] = database.scheduled(kernel, target, choice.knobs)
                 variants.append(
@@ -125,6 +126,7 @@ def export(
                         "hidden": n,
                         "dtype": dtype,
                         "parts": kernel.parts,
+                        "granule": kernel.granule,
                         "function": kernel.name,
                         "schedule": choice.source,
                         "knobs": choice.knobs,

@@ -346,7 +346,8 @@ def select(
     plan, sources, previous = {}, {}, {}
     for n in hidden:
         for dtype in dtypes:
-            for kernel in kernels_for(n, dtype, target, database.selected_parts(target, n, dtype, selection)):
+            chunking = database.selected_chunking(target, n, dtype, selection)
+            for kernel in kernels_for(n, dtype, target, *chunking):
                 if ops and kernel.op not in ops:
                     continue
                 selected = database.choose(kernel, target, records, selection).knobs
@@ -384,10 +385,7 @@ def select_parts(target_name: str, hidden: list[int], dtypes: list[str], element
     plan, sources = {}, {}
     for n in hidden:
         for dtype in dtypes:
-            chunking = (
-                database.selected_parts(target, n, dtype, selection),
-                database.selected_granule(target, n, dtype, selection),
-            )
+            chunking = database.selected_chunking(target, n, dtype, selection)
             backward = [k for k in kernels_for(n, dtype, target, *chunking) if k.op.startswith("backward")]
             choices = {k: database.choose(k, target, records, selection) for k in backward}
             blocks = max(choice.knobs.get("cluster", 0) or 1 for choice in choices.values())

@@ -199,6 +199,13 @@ def selected_granule(target: TargetInfo, hidden: int, dtype: str, selection: dic
     return granule if granule in GRANULES else ROW_GRANULE
 
 
+def selected_chunking(target: TargetInfo, hidden: int, dtype: str, selection: dict | None = None) -> tuple[int, int]:
+    """(P, granule) of the backward of (hidden, dtype), both from the same selection."""
+    if selection is None:
+        selection = read_selection(TUNING_LOGS / target.name)
+    return selected_parts(target, hidden, dtype, selection), selected_granule(target, hidden, dtype, selection)
+
+
 def selected_parts(target: TargetInfo, hidden: int, dtype: str, selection: dict | None = None) -> int:
     """P for the backward of (hidden, dtype): the measured choice in selection.json, else the rule's."""
     if selection is None:

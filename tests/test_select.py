@@ -251,7 +251,11 @@ def test_select_parts_keeps_the_fastest_p_and_export_builds_at_it(tmp_path, monk
     for granule in (1, 2):
         entry["granule"] = granule
         (tmp_path / "llvm" / "selection.json").write_text(json.dumps(selection))
-        export("llvm", [64], ["float32"], tmp_path / f"lib{granule}", logs_dir=tmp_path, log=lambda *_: None)
+        manifest = export("llvm", [64], ["float32"], tmp_path / f"lib{granule}", logs_dir=tmp_path, log=lambda *_: None)
+        assert {(v["op"], v["granule"]) for v in manifest["variants"] if v["parts"]} == {
+            ("backward", granule),
+            ("backward_sum", 2),
+        }
         lib = load(tmp_path / f"lib{granule}")
         for rows in (1, 7, 41):
             bad = [r for r in check_variant(lib, 64, "float32", rows, np.random.default_rng()) if not r.ok]

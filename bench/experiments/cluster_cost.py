@@ -70,8 +70,7 @@ STAGED = {"chunked": 1, "rows_per_step": 1, "prefetch": 1, "stage_rows": 2, "row
 def cases() -> dict[str, tuple[Kernel, dict]]:
     target, found = get_target("cuda-sm90"), {}
     for dtype in ("bfloat16", "float16", "float32"):
-        chunking = database.selected_parts(target, 16384, dtype), database.selected_granule(target, 16384, dtype)
-        kernel = Kernel("backward", 16384, dtype, *chunking)
+        kernel = Kernel("backward", 16384, dtype, *database.selected_chunking(target, 16384, dtype))
         found[f"{dtype} today"] = (kernel, database.choose(kernel, target).knobs)
     kernel, today = found["bfloat16 today"]
     found["bfloat16 staged-prefetch1"] = (kernel, database.exact_knobs(kernel, target, {**today, **STAGED}))
