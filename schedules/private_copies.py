@@ -43,20 +43,11 @@ def _without_barriers(stmt: tirx.Stmt) -> tirx.Stmt:
 
 def drop_pipeline_barriers(stmt: tirx.Stmt) -> tirx.Stmt:
     """`stmt` (a lowered kernel body) with the barriers inside its async-copy scopes removed."""
-    if isinstance(stmt, tirx.AttrStmt):
-        if stmt.attr_key in _ASYNC_SCOPES:
-            return _without_barriers(stmt)
-        return tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, drop_pipeline_barriers(stmt.body))
-    if isinstance(stmt, tirx.SeqStmt):
-        return tirx.SeqStmt([drop_pipeline_barriers(s) for s in stmt.seq])
-    if isinstance(stmt, tirx.For):
-        return tir_tree.loop_with(stmt, drop_pipeline_barriers(stmt.body))
-    if isinstance(stmt, tirx.IfThenElse):
-        other = drop_pipeline_barriers(stmt.else_case) if stmt.else_case is not None else None
-        return tirx.IfThenElse(stmt.condition, drop_pipeline_barriers(stmt.then_case), other)
-    if isinstance(stmt, tirx.While):
-        return tirx.While(stmt.condition, drop_pipeline_barriers(stmt.body))
-    return stmt
+
+    def scope(node: tirx.Stmt) -> tirx.Stmt | None:
+        return _without_barriers(node) if isinstance(node, tirx.AttrStmt) and node.attr_key in _ASYNC_SCOPES else None
+
+    return tir_tree.rewrite(stmt, scope)
 
 
 def without_pipeline_barriers(kernel: tirx.PrimFunc) -> tirx.PrimFunc:

@@ -1,6 +1,7 @@
-"""Rewriting a scheduled PrimFunc's tree after scheduling, where schedule primitives cannot reach
-(a launch-bounds attribute, the cluster exchange). TVM 0.27's Python has no statement mutator for
-these nodes, so this walks the part a scheduled function is made of: loops, sequences and blocks."""
+"""Rewriting a PrimFunc's tree where schedule primitives cannot reach: a scheduled function's (a
+launch-bounds attribute, the cluster exchange) and a lowered kernel's (its pipeline barriers).
+TVM 0.27's Python has no statement mutator for these nodes, so this walks what those are made of:
+loops, sequences and blocks; attributes, branches and while loops."""
 
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ def loop_with(loop: tirx.For, body: tirx.Stmt, annotations=None) -> tirx.For:
 
 
 def rewrite(stmt: tirx.Stmt, f: Rewriter) -> tirx.Stmt:
-    """`stmt` with f applied top-down to loops, sequences and blocks: where f returns a
-    replacement, that is the subtree (f recurses itself if it wants); where None, the children
-    are rewritten. Other statements (a block's leaves) stay as they are."""
+    """`stmt` with f applied top-down to loops, sequences, blocks, attributes, branches and while
+    loops: where f returns a replacement, that is the subtree (f recurses itself if it wants);
+    where None, the children are rewritten. Other statements (a block's leaves) stay as they are."""
     new = f(stmt)
     if new is not None:
         return new
@@ -31,6 +32,13 @@ def rewrite(stmt: tirx.Stmt, f: Rewriter) -> tirx.Stmt:
         return tirx.SeqStmt([rewrite(s, f) for s in stmt.seq])
     if isinstance(stmt, tirx.For):
         return loop_with(stmt, rewrite(stmt.body, f))
+    if isinstance(stmt, tirx.AttrStmt):
+        return tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, rewrite(stmt.body, f))
+    if isinstance(stmt, tirx.IfThenElse):
+        other = rewrite(stmt.else_case, f) if stmt.else_case is not None else None
+        return tirx.IfThenElse(stmt.condition, rewrite(stmt.then_case, f), other)
+    if isinstance(stmt, tirx.While):
+        return tirx.While(stmt.condition, rewrite(stmt.body, f))
     if isinstance(stmt, s_tir.SBlockRealize):
         block = stmt.block
         body = rewrite(block.body, f)
