@@ -70,10 +70,10 @@ def kernels_for(
 ) -> list[Kernel]:
     """The four kernels of one (hidden, dtype) variant; P and the backward's chunk granule as
     `lntune select --parts` chose them (the committed selection.json) unless given."""
-    if parts is None:
-        parts = database.selected_parts(target, hidden, dtype)
-    if granule is None:
-        granule = database.selected_granule(target, hidden, dtype)
+    if parts is None or granule is None:
+        selected_parts, selected_granule = database.selected_chunking(target, hidden, dtype)
+        parts = selected_parts if parts is None else parts
+        granule = selected_granule if granule is None else granule
     return [
         Kernel("forward", hidden, dtype),
         Kernel("forward_stats", hidden, dtype),
