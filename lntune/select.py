@@ -69,6 +69,12 @@ def output_names(kernel: Kernel) -> list[str]:
     return [t.op.name for t in kernel.tensors() if isinstance(getattr(t, "op", None), tvm.te.ComputeOp)]
 
 
+def output_positions(kernel: Kernel) -> list[int]:
+    """Where the kernel's outputs (output_names, in that order) are among its parameters."""
+    names = [p.name for p in kernel.prim_func().params]
+    return [names.index(name) for name in output_names(kernel)]
+
+
 def _library(kernel: Kernel, target: TargetInfo, knobs: dict):
     func = database.scheduled(kernel, target, knobs)
     return compile_module(tvm.IRModule({kernel.name: func}), target)
@@ -216,8 +222,7 @@ def _measure(
     launch behind a kernel: a new split ran 0.7 us faster alone but 4.4 us faster in the pair
     (bfloat16 N = 1024, bench/NOTES.md)."""
     args = device_arguments(kernel, rows, device, rng)
-    names = [p.name for p in kernel.prim_func().params]
-    outputs = [names.index(name) for name in output_names(kernel)]
+    outputs = output_positions(kernel)
     reference, times = None, {}
     if backward_path:
         pair_args, backward = _after_backward(kernel, args, backward_path, rows, device, rng)

@@ -42,7 +42,7 @@ def main() -> None:
     today = database.choose(kernel, target).knobs
     rows = (1 << 26) // hidden
     args = select.device_arguments(kernel, rows, device, np.random.default_rng(0))
-    outputs = [i for i, p in enumerate(kernel.prim_func().params) if p.name in select.output_names(kernel)]
+    outputs = select.output_positions(kernel)
     modules, reference = {}, None
     for label in labels:
         knobs = database.exact_knobs(kernel, target, {**today, **_changed(label)})

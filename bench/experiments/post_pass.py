@@ -55,7 +55,7 @@ def compare(kernel: Kernel, name: str) -> dict:
     if sources["with"] == sources["without"]:
         raise SystemExit(f"{name} does not change {kernel.name}'s source")
     rows = (1 << 26) // kernel.hidden
-    outputs = [i for i, p in enumerate(kernel.prim_func().params) if p.name in select.output_names(kernel)]
+    outputs = select.output_positions(kernel)
     found: dict = {"knobs": knobs, "checks": []}
     for seed in (0, 1):
         args = select.device_arguments(kernel, rows, device, np.random.default_rng(seed))
