@@ -43,7 +43,9 @@ def test_large_offset_rows_keep_their_variance(llvm_library):
     x = (1e4 + rng.standard_normal((64, 4096))).astype(np.float32)
     mean, rstd = llvm_library.forward_stats(x)
     ref_mean, ref_rstd = reference.forward_stats(x, 1e-5)
-    assert reference.rel_error(mean, ref_mean) < 1e-6
+    # float32 sums of 4096 values near 1e4 err ~1e-6 (1.15e-6 worst of 300 seeds); dropping one
+    # element of a row errs 2.4e-4, so 1e-5 still catches a missed element.
+    assert reference.rel_error(mean, ref_mean) < 1e-5
     assert reference.rel_error(rstd, ref_rstd) < 1e-3
     naive_var = (x * x).mean(1) - x.mean(1) ** 2
     assert reference.rel_error(1 / np.sqrt(np.maximum(naive_var, 0) + 1e-5), ref_rstd) > 1e-1
