@@ -65,6 +65,19 @@ def compile_module(mod: tvm.IRModule, target: TargetInfo):
         return tvm.compile(mod, target=tvm_target, tir_pipeline=pipeline.PIPELINE)
 
 
+def device_source(mod: tvm.IRModule, target: TargetInfo) -> str:
+    """The device code `compile_module` generates for `mod`: for CUDA the source nvcc compiles,
+    lntune's rewrites (schedules.cuda_source) applied."""
+    return compile_module(mod, target).mod.imports[0].inspect_source()
+
+
+def kernel_source(kernel: Kernel, target: TargetInfo, knobs: dict | None = None) -> str:
+    """`device_source` of one kernel scheduled with `knobs`; by default the knobs the database
+    selects for it."""
+    knobs = database.choose(kernel, target).knobs if knobs is None else knobs
+    return device_source(tvm.IRModule({kernel.name: database.scheduled(kernel, target, knobs)}), target)
+
+
 def kernels_for(
     hidden: int, dtype: str, target: TargetInfo, parts: int | None = None, granule: int | None = None
 ) -> list[Kernel]:

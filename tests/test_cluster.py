@@ -14,7 +14,7 @@ import pytest
 import tvm
 
 from lntune import inspect
-from lntune.build import compile_module
+from lntune.build import device_source, kernel_source
 from lntune.select import STACK_LIMIT
 from schedules import cluster, cuda_source, database, spaces, tir_tree
 from schedules.knobs import Fixed
@@ -90,8 +90,7 @@ def _without_warps_exchange(monkeypatch) -> None:
 def test_the_cuda_kernel_is_a_cluster_of_two_over_the_grid_x(dtype, monkeypatch):
     _without_warps_exchange(monkeypatch)
     kernel = Kernel("backward", 16384, dtype, 132)
-    func = database.scheduled(kernel, SM90, _cluster_knobs(kernel))
-    source = compile_module(tvm.IRModule({kernel.name: func}), SM90).mod.imports[0].inspect_source()
+    source = kernel_source(kernel, SM90, _cluster_knobs(kernel))
     declarations = re.findall(rf"__global__ void .*{kernel.name}_kernel\(", source)
     assert len(declarations) == 2 and all("__cluster_dims__(2, 1, 1)" in d for d in declarations)
     body = _kernel_body(source, kernel.name)
@@ -117,8 +116,7 @@ def test_row_caches_laid_out_in_pieces_get_the_exchange_without_a_fence():
     assert cluster.protocol_for({"chunked": 0}) == cluster.protocol_for({}) == "tagged"
     kernel = Kernel("backward", 16384, "float32", 264)
     knobs = {**_cluster_knobs(kernel), "chunked": 0}
-    source = compile_module(tvm.IRModule({kernel.name: database.scheduled(kernel, SM90, knobs)}), SM90)
-    body = _kernel_body(source.mod.imports[0].inspect_source(), kernel.name)
+    body = _kernel_body(kernel_source(kernel, SM90, knobs), kernel.name)
     assert f"{cluster.helper('collect', 'tagged')}(" in body and "_counted(" not in body
 
 
@@ -154,7 +152,7 @@ def test_one_library_may_hold_kernels_of_both_protocols():
     for dtype, parts, layout in (("bfloat16", 132, {}), ("float32", 264, interleaved)):
         kernel = Kernel("backward", 16384, dtype, parts)
         funcs[kernel.name] = database.scheduled(kernel, SM90, {**_cluster_knobs(kernel), **layout})
-    source = compile_module(tvm.IRModule(funcs), SM90).mod.imports[0].inspect_source()
+    source = device_source(tvm.IRModule(funcs), SM90)
     facts = inspect.ptxas_report(inspect.compile_cubin(source.encode(), "sm_90")[1])
     assert set(facts) == set(funcs) and all(f["stack"] <= STACK_LIMIT for f in facts.values())
 
@@ -219,12 +217,7 @@ def test_shared_gamma_is_widened_once_a_block_and_read_from_shared_memory():
     reread, shared = ({**today, "stage_rows": 2, "cache_gamma": g} for g in (0, spaces.GAMMA_SHARED))
     for knobs in (reread, shared):
         assert database.exact_knobs(kernel, SM90, knobs) == knobs
-    sources = [
-        compile_module(tvm.IRModule({kernel.name: database.scheduled(kernel, SM90, k)}), SM90)
-        .mod.imports[0]
-        .inspect_source()
-        for k in (reread, shared)
-    ]
+    sources = [kernel_source(kernel, SM90, k) for k in (reread, shared)]
     loops = [_kernel_body(s, kernel.name).split("for (int64_t i_", 1)[1] for s in sources]
     assert "gamma_ptr[" in loops[0] and "gamma_ptr" not in loops[1]
     before = _kernel_body(sources[1], kernel.name).split("for (int64_t i_", 1)[0]
@@ -234,17 +227,12 @@ def test_shared_gamma_is_widened_once_a_block_and_read_from_shared_memory():
         database.scheduled(kernel, SM90, {**shared, "stage_rows": 0})
 
 
-def _selected_source(kernel: Kernel) -> str:
-    func = database.scheduled(kernel, SM90, database.choose(kernel, SM90).knobs)
-    return compile_module(tvm.IRModule({kernel.name: func}), SM90).mod.imports[0].inspect_source()
-
-
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_counted_halves_exchange_warp_sums_with_no_block_barrier(dtype):
     """The selected 16-bit N = 16384 kernels (counted exchange, 1024 threads) come out of the CUDA
     post-pass with the warps exchange: every row's publish and collect, and no block barrier."""
     kernel = Kernel("backward", 16384, dtype, 66)
-    body = _kernel_body(_selected_source(kernel), kernel.name)
+    body = _kernel_body(kernel_source(kernel, SM90), kernel.name)
     assert body.count("lntune_cluster_publish_warps(") == body.count("lntune_cluster_collect_warps(") == 2
     assert "lntune_cluster_start_counted();" in body and "lntune_cluster_finish_counted();" in body  # its barriers
     assert "_publish_counted(" not in body and "_collect_counted(" not in body and "__syncthreads()" not in body
@@ -260,10 +248,10 @@ def test_counted_halves_exchange_warp_sums_with_no_block_barrier(dtype):
 def test_the_warps_exchange_leaves_a_source_it_does_not_recognise_as_it_is(monkeypatch):
     """Sources without a counted exchange (float32's tagged one) and counted ones whose allreduce is
     not in TVM's expected form stay as they are, publish and collect alike."""
-    tagged = _selected_source(Kernel("backward", 16384, "float32", 132))
+    tagged = kernel_source(Kernel("backward", 16384, "float32", 132), SM90)
     assert "_tagged(" in tagged and cluster.exchange_warp_partials(tagged) == tagged
     _without_warps_exchange(monkeypatch)
-    counted = _selected_source(Kernel("backward", 16384, "bfloat16", 66))
+    counted = kernel_source(Kernel("backward", 16384, "bfloat16", 66), SM90)
     assert "lntune_cluster_publish_counted(" in counted
     assert "lntune_cluster_publish_warps(" in cluster.exchange_warp_partials(counted)
     changed = counted.replace("__syncthreads();", "__syncthreads(); ", 1)  # one region not as expected
@@ -272,7 +260,7 @@ def test_the_warps_exchange_leaves_a_source_it_does_not_recognise_as_it_is(monke
 
 @pytest.mark.skipif(not shutil.which("nvcc"), reason="needs nvcc")
 def test_the_warps_exchange_compiles_without_barriers_or_spills():
-    source = _selected_source(Kernel("backward", 16384, "bfloat16", 66)).encode()
+    source = kernel_source(Kernel("backward", 16384, "bfloat16", 66), SM90).encode()
     facts = inspect.cuda_resources(source, "sm_90a")["lntune_backward_bfloat16_n16384_p66"]
     assert facts["stack"] == facts["spill_stores"] == 0
 
@@ -282,7 +270,7 @@ def test_the_warps_exchange_takes_only_the_cluster_kernels_allreduce():
     into one), the earlier kernel's allreduce, which has the same staging stores, stays as it is."""
     kernels = [Kernel("backward", 1024, "bfloat16", 1056), Kernel("backward", 16384, "bfloat16", 66)]
     funcs = {k.name: database.scheduled(k, SM90, database.choose(k, SM90).knobs) for k in kernels}
-    source = compile_module(tvm.IRModule(funcs), SM90).mod.imports[0].inspect_source()
+    source = device_source(tvm.IRModule(funcs), SM90)
     whole_row, halves = (_kernel_body(source, k.name) for k in kernels)
     whole_row = whole_row[: whole_row.index("extern")] if "extern" in whole_row else whole_row
     assert "red_buf_staging_ptr" in whole_row and whole_row.count("__syncthreads()") >= 2

@@ -8,21 +8,14 @@ import shutil
 import subprocess
 
 import pytest
-import tvm
 
-from lntune.build import compile_module
-from schedules import cuda_source, database
+from lntune.build import kernel_source
+from schedules import cuda_source
 from schedules.targets import get_target
 from te_ops.layer_norm import Kernel
 
 SM90 = get_target("cuda-sm90")
 FOUR_CASTS = re.compile(r"\.x = \((?:nv_bfloat16|half)\)\(\w+\.x\);")
-
-
-def _source(kernel: Kernel) -> str:
-    """The CUDA source TVM generates for `kernel` as selected (with lntune's rewrites applied)."""
-    func = database.scheduled(kernel, SM90, database.choose(kernel, SM90).knobs)
-    return compile_module(tvm.IRModule({kernel.name: func}), SM90).mod.imports[0].inspect_source()
 
 
 def test_four_casts_become_two_round_to_nearest_pairs():
@@ -51,13 +44,13 @@ def test_four_casts_become_two_round_to_nearest_pairs():
 def test_generated_16_bit_kernels_convert_in_pairs(dtype):
     """Every float4 -> 16-bit conversion of a backward and a forward goes through pairs."""
     for kernel in (Kernel("backward", 16384, dtype, 66), Kernel("forward", 1024, dtype)):
-        source = _source(kernel)
+        source = kernel_source(kernel, SM90)
         assert not FOUR_CASTS.search(source), kernel.name
         assert source.count("__floats2") >= 2, kernel.name
 
 
 def test_a_float32_kernel_is_left_as_it_was():
-    source = _source(Kernel("backward", 1024, "float32", 1056))
+    source = kernel_source(Kernel("backward", 1024, "float32", 1056), SM90)
     assert cuda_source.pack_conversions(source) == source and "__floats2" not in source
 
 
@@ -99,6 +92,6 @@ def test_rows_of_16_bit_outputs_leave_in_one_16_byte_store(kernel, tmp_path):
     """NVVM split a 16-byte row store into four st.global.v2.u16 from four casts, and into four
     st.global.u32 from pairs (cluster backwards, forwards at N = 768 and 1024); through __stwb it
     stays one."""
-    text = _ptx(_source(kernel), tmp_path)
+    text = _ptx(kernel_source(kernel, SM90), tmp_path)
     assert "st.global.wb.v4.u32" in text
     assert not re.search(r"st\.global(\.wb)?\.(u32|v2\.u16|u16)\s", text), kernel.name

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import tvm
 
-from lntune.build import compile_module, kernels_for
+from lntune.build import compile_module, device_source, kernels_for
 from schedules import database, dependent_launch, pipeline
 from schedules.targets import get_target
 
@@ -29,7 +29,7 @@ def _definition(source: str, name: str) -> str:
 @pytest.mark.parametrize("hidden, dtype", [(1024, "bfloat16"), (16384, "float32")])
 def test_the_sum_waits_for_the_backward_before_it_reads_a_partial(hidden, dtype):
     mod = _backward_pair(SM90, hidden, dtype)
-    source = compile_module(mod, SM90).mod.imports[0].inspect_source()
+    source = device_source(mod, SM90)
     backward, total = (k.name for k in kernels_for(hidden, dtype, SM90)[2:])
     body = _definition(source, total)
     assert body.count("lntune_wait_for_prerequisites();") == 1
@@ -46,7 +46,7 @@ def test_a_primary_allows_its_dependents_from_one_thread():
         database.scheduled(kernel, SM90, database.choose(kernel, SM90).knobs), "primary"
     )
     assert dependent_launch.DEPENDENT_KEY not in func.attrs
-    source = compile_module(tvm.IRModule({kernel.name: func}), SM90).mod.imports[0].inspect_source()
+    source = device_source(tvm.IRModule({kernel.name: func}), SM90)
     assert _definition(source, kernel.name).count("lntune_allow_dependents();") == 1
     assert "if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0)" in source
 

@@ -9,7 +9,7 @@ import re
 import pytest
 import tvm
 
-from lntune.build import PASS_CONFIG, compile_module
+from lntune.build import PASS_CONFIG, kernel_source
 from schedules import database, pipeline, private_copies, spaces
 from schedules.targets import get_target
 from te_ops.layer_norm import Kernel
@@ -32,11 +32,6 @@ def _barriers(func: tvm.tirx.PrimFunc) -> int:
     return str(func).count("T.tvm_storage_sync(")
 
 
-def _source(kernel: Kernel, knobs: dict) -> str:
-    mod = tvm.IRModule({kernel.name: database.scheduled(kernel, SM90, knobs)})
-    return compile_module(mod, SM90).mod.imports[0].inspect_source()
-
-
 @pytest.mark.parametrize("hidden, dtype, parts, threads", [(8192, "bfloat16", 132, 1024), (2048, "float16", 528, 256)])
 def test_private_copies_drop_the_pipelines_barriers_and_keep_the_allreduces(hidden, dtype, parts, threads):
     """Two barriers a pipelined step and one before the last row go; the four of the two row
@@ -49,7 +44,7 @@ def test_private_copies_drop_the_pipelines_barriers_and_keep_the_allreduces(hidd
     for func in (with_barriers, private):
         text = str(func)
         assert text.count("cp_async_raw(") == 4 and "async_wait_inflight_count" in text
-    source = _source(kernel, {**knobs, "private_copies": 1})
+    source = kernel_source(kernel, SM90, {**knobs, "private_copies": 1})
     assert source.count("__syncthreads()") == 4
     assert len(re.findall(r"cp\.async\.wait_group \d;", source)) >= 1
 

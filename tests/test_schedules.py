@@ -10,7 +10,7 @@ import tvm
 import tvm_ffi
 
 from lntune import select
-from lntune.build import compile_module, kernels_for
+from lntune.build import kernel_source, kernels_for
 from schedules import database, spaces
 from schedules.knobs import Fixed, Sampled, decisions_of
 from schedules.targets import TARGETS, get_target
@@ -231,10 +231,8 @@ def test_committed_cuda_logs_give_tuned_backward_kernels():
     assert all(s.startswith(("tuned:", "transfer:p")) for s in sources), sources
 
 
-def _cuda_source(kernel, knobs) -> str:
-    target = get_target("cuda-sm90")
-    mod = tvm.IRModule({kernel.name: database.scheduled(kernel, target, knobs)})
-    return compile_module(mod, target).mod.imports[0].inspect_source()
+def _cuda_source(kernel: Kernel, knobs: dict) -> str:
+    return kernel_source(kernel, get_target("cuda-sm90"), knobs)
 
 
 def test_backward_reduces_c1_and_c2_in_one_allreduce():
