@@ -7,7 +7,8 @@ chains any post-processor registered before lntune's."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 POSTPROC = "tvm_callback_cuda_postproc"
 _REWRITES: list[Callable[[str], str]] = []
@@ -83,6 +84,21 @@ def add(rewrite: Callable[[str], str]) -> None:
     if rewrite not in _REWRITES:
         _REWRITES.append(rewrite)
     _install()
+
+
+@contextmanager
+def without(name: str) -> Iterator[None]:
+    """Build without the rewrite called `name` inside the block (an A/B of one rewrite:
+    bench/experiments/post_pass.py; tests of what TVM emits before it)."""
+    rewrite = next((r for r in _REWRITES if r.__name__ == name), None)
+    if rewrite is None:
+        raise ValueError(f"no CUDA source rewrite named {name!r}; registered: {[r.__name__ for r in _REWRITES]}")
+    at = _REWRITES.index(rewrite)
+    _REWRITES.remove(rewrite)
+    try:
+        yield
+    finally:
+        _REWRITES.insert(at, rewrite)
 
 
 def _install() -> None:

@@ -22,6 +22,7 @@ from schedules.targets import get_target
 from te_ops.layer_norm import Kernel
 
 SM90 = get_target("cuda-sm90")
+WARPS_EXCHANGE = cluster.exchange_warp_partials.__name__
 
 
 def _cluster_knobs(kernel: Kernel) -> dict:
@@ -80,17 +81,11 @@ def test_a_function_without_the_mark_is_left_as_it_is():
     assert cluster.with_cluster_exchange(sch.mod["main"]).same_as(sch.mod["main"])
 
 
-def _without_warps_exchange(monkeypatch) -> None:
-    """CUDA sources as the TIR exchange emits them: without the post-pass to the warps exchange."""
-    others = [r for r in cuda_source._REWRITES if r is not cluster.exchange_warp_partials]
-    monkeypatch.setattr(cuda_source, "_REWRITES", others)
-
-
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_the_cuda_kernel_is_a_cluster_of_two_over_the_grid_x(dtype, monkeypatch):
-    _without_warps_exchange(monkeypatch)
+def test_the_cuda_kernel_is_a_cluster_of_two_over_the_grid_x(dtype):
     kernel = Kernel("backward", 16384, dtype, 132)
-    source = kernel_source(kernel, SM90, _cluster_knobs(kernel))
+    with cuda_source.without(WARPS_EXCHANGE):  # the counted exchange as the TIR emits it
+        source = kernel_source(kernel, SM90, _cluster_knobs(kernel))
     declarations = re.findall(rf"__global__ void .*{kernel.name}_kernel\(", source)
     assert len(declarations) == 2 and all("__cluster_dims__(2, 1, 1)" in d for d in declarations)
     body = _kernel_body(source, kernel.name)
@@ -245,13 +240,13 @@ def test_counted_halves_exchange_warp_sums_with_no_block_barrier(dtype):
             assert guard.startswith("if (") and "threadIdx" not in guard and ("< M)" in guard or "<= M)" in guard)
 
 
-def test_the_warps_exchange_leaves_a_source_it_does_not_recognise_as_it_is(monkeypatch):
+def test_the_warps_exchange_leaves_a_source_it_does_not_recognise_as_it_is():
     """Sources without a counted exchange (float32's tagged one) and counted ones whose allreduce is
     not in TVM's expected form stay as they are, publish and collect alike."""
     tagged = kernel_source(Kernel("backward", 16384, "float32", 132), SM90)
     assert "_tagged(" in tagged and cluster.exchange_warp_partials(tagged) == tagged
-    _without_warps_exchange(monkeypatch)
-    counted = kernel_source(Kernel("backward", 16384, "bfloat16", 66), SM90)
+    with cuda_source.without(WARPS_EXCHANGE):
+        counted = kernel_source(Kernel("backward", 16384, "bfloat16", 66), SM90)
     assert "lntune_cluster_publish_counted(" in counted
     assert "lntune_cluster_publish_warps(" in cluster.exchange_warp_partials(counted)
     changed = counted.replace("__syncthreads();", "__syncthreads(); ", 1)  # one region not as expected

@@ -49,6 +49,16 @@ def test_generated_16_bit_kernels_convert_in_pairs(dtype):
         assert source.count("__floats2") >= 2, kernel.name
 
 
+def test_a_rewrite_can_be_left_out_for_one_build_and_comes_back_after():
+    kernel = Kernel("forward", 1024, "bfloat16")
+    with cuda_source.without("pack_conversions"):
+        assert FOUR_CASTS.search(kernel_source(kernel, SM90))
+    assert not FOUR_CASTS.search(kernel_source(kernel, SM90))
+    with pytest.raises(ValueError, match="no CUDA source rewrite named 'packing'"):
+        with cuda_source.without("packing"):
+            pass
+
+
 def test_a_float32_kernel_is_left_as_it_was():
     source = kernel_source(Kernel("backward", 1024, "float32", 1056), SM90)
     assert cuda_source.pack_conversions(source) == source and "__floats2" not in source

@@ -31,13 +31,8 @@ ROUNDS = 3
 
 
 def _build_without(kernel: Kernel, target, knobs: dict, name: str):
-    rewrite = next(r for r in cuda_source._REWRITES if r.__name__ == name)
-    at = cuda_source._REWRITES.index(rewrite)
-    cuda_source._REWRITES.remove(rewrite)
-    try:
+    with cuda_source.without(name):
         return select._library(kernel, target, knobs).mod
-    finally:
-        cuda_source._REWRITES.insert(at, rewrite)
 
 
 def _unwritten(outputs: list[np.ndarray]) -> int:
