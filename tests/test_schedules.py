@@ -215,6 +215,24 @@ def test_damaged_database_line_warns_and_keeps_the_rest(tmp_path):
     assert len(records) == 1
 
 
+def test_every_exported_cuda_backward_kernel_takes_selects_verdict():
+    """Each backward and partials sum that export builds has a committed verdict of `lntune select`
+    that still fits today's design space: a space change that orphaned one would silently put the
+    baseline back (with only a warning)."""
+    target = get_target("cuda-sm90")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sources = {
+            k.name: database.choose(k, target).source
+            for n in (768, 1024, 2048, 4096, 5120, 8192, 16384)
+            for dtype in ("float32", "bfloat16", "float16")
+            for k in kernels_for(n, dtype, target)
+            if k.op.startswith("backward")
+        }
+    assert len(sources) == 42
+    assert all(s.startswith(("selected:", "baseline (selected:")) for s in sources.values()), sources
+
+
 def test_committed_cuda_logs_give_tuned_backward_kernels():
     """The committed tuning logs are read, and every record fits today's design space."""
     target = get_target("cuda-sm90")
