@@ -2,7 +2,8 @@
 # GPU-host job: export the cuda-sm90 library there (cubin), check every kernel against the float64
 # reference, load it with the runtime-only TVM on torch tensors, check lntune.torch's forward and
 # gradients (bench/torch_check.py), then benchmark. Results go to $OUT.
-# Run after `. .devbundle/b/env.sh` (a fresh host) or `. /tmp/tvm_site/env.sh` (a warm one).
+# Run after `. .devbundle/b/env.sh` (a fresh host; bench/device_bundle.sh says how TVM gets there)
+# or `. /tmp/tvm_site/env.sh` (a warm one).
 #   usage: bash bench/gpu_job.sh [export|bench ARGS...|reliability]
 #     export            export + check + runtime-only load into $LIB
 #     bench ARGS...     export + check, then `lntune bench $LIB ARGS...` (always a fresh export, so the
