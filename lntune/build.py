@@ -71,11 +71,16 @@ def device_source(mod: tvm.IRModule, target: TargetInfo) -> str:
     return compile_module(mod, target).mod.imports[0].inspect_source()
 
 
-def kernel_source(kernel: Kernel, target: TargetInfo, knobs: dict | None = None) -> str:
-    """`device_source` of one kernel scheduled with `knobs`; by default the knobs the database
+def kernel_library(kernel: Kernel, target: TargetInfo, knobs: dict | None = None):
+    """`compile_module` of one kernel scheduled with `knobs`; by default the knobs the database
     selects for it."""
     knobs = database.choose(kernel, target).knobs if knobs is None else knobs
-    return device_source(tvm.IRModule({kernel.name: database.scheduled(kernel, target, knobs)}), target)
+    return compile_module(tvm.IRModule({kernel.name: database.scheduled(kernel, target, knobs)}), target)
+
+
+def kernel_source(kernel: Kernel, target: TargetInfo, knobs: dict | None = None) -> str:
+    """The device code of `kernel_library`: for CUDA the source nvcc compiles."""
+    return kernel_library(kernel, target, knobs).mod.imports[0].inspect_source()
 
 
 def kernels_for(

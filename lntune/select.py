@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import tvm
 
-from lntune.build import compile_module, kernels_for
+from lntune.build import kernel_library, kernels_for
 from lntune.inspect import stack_frame_bytes
 from schedules import database, spaces
 from schedules.targets import TargetInfo, get_target
@@ -75,14 +75,9 @@ def output_positions(kernel: Kernel) -> list[int]:
     return [names.index(name) for name in output_names(kernel)]
 
 
-def _library(kernel: Kernel, target: TargetInfo, knobs: dict):
-    func = database.scheduled(kernel, target, knobs)
-    return compile_module(tvm.IRModule({kernel.name: func}), target)
-
-
 def time_us(kernel: Kernel, target: TargetInfo, knobs: dict, args: list, device) -> float:
     """Median microseconds of the exported kernel with these knobs (compiled here)."""
-    return _median_us(_library(kernel, target, knobs).mod, kernel.name, args, device)
+    return _median_us(kernel_library(kernel, target, knobs).mod, kernel.name, args, device)
 
 
 def _median_us(module, name: str, args: list, device) -> float:
@@ -133,7 +128,7 @@ def _build(job: tuple[Kernel, str, dict, str]) -> tuple[str, str]:
     kernel, target_name, knobs, path = job
     target = get_target(target_name)
     try:
-        lib = _library(kernel, target, knobs)
+        lib = kernel_library(kernel, target, knobs)
         lib.export_library(path)
         if target.family == "cuda":
             # From the cubin the library embeds where one was built (a GPU host), else ptxas on the source.

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from lntune.build import compile_module, export
+from lntune.build import export, kernel_library
 from schedules import database
 from schedules.targets import get_target
 from schedules.tune import prune, summarize, tune
@@ -107,7 +107,7 @@ def test_a_spawning_rpc_server_loads_and_runs_a_module_and_logs_it(tmp_path):
     assert "--no-fork" not in rpc.server_command(1, 2, "k", forked_sessions=True)
     kernel = Kernel("forward_stats", 64, "float32")
     target = get_target("llvm")
-    lib = compile_module(tvm.IRModule({kernel.name: database.scheduled(kernel, target, {})}), target)
+    lib = kernel_library(kernel, target, {})
     lib.export_library(str(tmp_path / "k.so"))
     with rpc.local_rpc(1, "spawn", tmp_path / "rpc", forked_sessions=False) as tracker:
         host, port = rpc.parse_address(tracker)

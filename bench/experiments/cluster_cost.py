@@ -49,7 +49,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lntune import select  # noqa: E402
+from lntune import build, select  # noqa: E402
 from schedules import cluster, database  # noqa: E402
 from schedules.targets import get_target  # noqa: E402
 from te_ops.layer_norm import Kernel  # noqa: E402
@@ -81,7 +81,7 @@ def _build(job: tuple[Kernel, dict, str, str]) -> str:
     kernel, knobs, protocol, path = job
     cluster.PROTOCOLS["none"] = cluster._BARRIER + _NONE
     cluster.protocol_for = lambda knobs: protocol
-    select._library(kernel, get_target("cuda-sm90"), knobs).export_library(path)
+    build.kernel_library(kernel, get_target("cuda-sm90"), knobs).export_library(path)
     return path
 
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np  # noqa: E402
 import tvm  # noqa: E402
 
-from lntune import select  # noqa: E402
+from lntune import build, select  # noqa: E402
 from schedules import database  # noqa: E402
 from schedules.targets import get_target  # noqa: E402
 from te_ops.layer_norm import Kernel  # noqa: E402
@@ -48,7 +48,7 @@ def main() -> None:
         knobs = database.exact_knobs(kernel, target, {**today, **_changed(label)})
         if knobs is None:
             raise SystemExit(f"{label}: not knobs of {kernel.name}'s space")
-        modules[label] = select._library(kernel, target, knobs).mod
+        modules[label] = build.kernel_library(kernel, target, knobs).mod
         got = select._run_once(modules[label], kernel.name, args, outputs)
         reference = reference or got
         worst = max(select._relative_distance(g, w) for g, w in zip(got, reference, strict=True))

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np  # noqa: E402
 import tvm  # noqa: E402
 
-from lntune import select  # noqa: E402
+from lntune import build, select  # noqa: E402
 from schedules import cuda_source, database  # noqa: E402
 from schedules.targets import get_target  # noqa: E402
 from te_ops.layer_norm import Kernel  # noqa: E402
@@ -32,7 +32,7 @@ ROUNDS = 3
 
 def _build_without(kernel: Kernel, target, knobs: dict, name: str):
     with cuda_source.without(name):
-        return select._library(kernel, target, knobs).mod
+        return build.kernel_library(kernel, target, knobs).mod
 
 
 def _unwritten(outputs: list[np.ndarray]) -> int:
@@ -43,7 +43,7 @@ def compare(kernel: Kernel, name: str) -> dict:
     target, device = get_target("cuda-sm90"), tvm.cuda()
     knobs = database.choose(kernel, target).knobs
     modules = {
-        "with": select._library(kernel, target, knobs).mod,
+        "with": build.kernel_library(kernel, target, knobs).mod,
         "without": _build_without(kernel, target, knobs, name),
     }
     sources = {k: m.imports[0].inspect_source() for k, m in modules.items()}
