@@ -179,17 +179,16 @@ def index(out: Path) -> dict:
     """Time the same schedules, on the same inputs, with int64 and with int32 index arithmetic."""
     import tvm
 
+    from lntune.build import kernels_for
     from lntune.select import device_arguments, time_us
     from schedules import database
     from schedules.targets import get_target
-    from te_ops.layer_norm import Kernel
 
     target, device = get_target("cuda-sm90"), tvm.cuda(0)
     rng = np.random.default_rng(0)
     result = {}
     for n, dtype in ((1024, "float32"), (1024, "bfloat16"), (4096, "float32"), (4096, "bfloat16")):
-        for op in ("forward", "backward"):
-            kernel = Kernel(op, n, dtype, database.selected_parts(target, n, dtype) if op == "backward" else 0)
+        for kernel in (k for k in kernels_for(n, dtype, target) if k.op in ("forward", "backward")):
             knobs = database.choose(kernel, target).knobs
             args = device_arguments(kernel, (1 << 26) // n, device, rng)
             wide = time_us(kernel, target, knobs, args, device)
