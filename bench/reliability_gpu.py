@@ -66,7 +66,7 @@ def _big_case(lib, rows: int, n: int, dtype_name: str) -> dict:
     beta = torch.randn(n, device="cuda", generator=gen).to(dtype)
     y, dx = _poison((rows, n), dtype), _poison((rows, n), dtype)
     mean, rstd = _poison((rows,), torch.float32), _poison((rows,), torch.float32)
-    parts = [_poison((lib.parts[(n, dtype_name)], n), torch.float32) for _ in range(2)]
+    parts = [_poison((lib.parts_for(n, dtype_name), n), torch.float32) for _ in range(2)]
     dgamma, dbeta = _poison((n,), dtype), _poison((n,), dtype)
     lib.kernel("forward", n, dtype_name)(x, gamma, beta, EPS, y, mean, rstd)
     lib.kernel("backward", n, dtype_name)(dy, x, mean, rstd, gamma, dx, *parts)

@@ -79,7 +79,7 @@ class Impls:
         bwd, bsum = lib.kernel("backward", n, dt), lib.kernel("backward_sum", n, dt)
         y, dx = torch.empty_like(self.x), torch.empty_like(self.x)
         mean, rstd = (torch.empty(m, dtype=torch.float32, device="cuda") for _ in range(2))
-        parts = [torch.empty(lib.parts[(n, dt)], n, dtype=torch.float32, device="cuda") for _ in range(2)]
+        parts = [torch.empty(lib.parts_for(n, dt), n, dtype=torch.float32, device="cuda") for _ in range(2)]
         dgamma, dbeta = torch.empty_like(self.gamma), torch.empty_like(self.gamma)
         fwd(self.x, self.gamma, self.beta, EPS, y, mean, rstd)
         self.mean, self.rstd = mean.clone(), rstd.clone()
@@ -370,7 +370,9 @@ def main(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"bench-{device.replace(' ', '_')}-{date}{args.tag}"
     variants = [
-        (h, d) for h, d in lib.variants if (not args.hidden or h in args.hidden) and (not args.dtype or d in args.dtype)
+        (h, d)
+        for h, d, p in lib.variants
+        if p == d and (not args.hidden or h in args.hidden) and (not args.dtype or d in args.dtype)
     ]
     shapes = [(h, d, r) for h, d in variants for r in (args.rows or [max(1, e // h) for e in args.elements])]
     with stem.with_suffix(".csv").open("w", newline="") as f:

@@ -3,14 +3,17 @@
 Needs only the TVM runtime: with TVM_USE_RUNTIME_LIB=1 set before the first `import tvm`, the compiler
 library is never loaded (a CUDA library exported with a cubin loads that way; one exported as CUDA
 source needs the full TVM, which compiles it with NVRTC at load).
+
+Torch tensors take a short path: the checks of a call depend only on the arguments' shapes, dtypes and
+devices, so their outcome (a launch plan: the functions to call, P, the output dtypes) is cached under
+exactly those, and a repeated call costs a dictionary lookup, the output allocations and the launch.
+tvm-ffi launches on torch's current stream of the tensors' device by itself.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import json
-import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,10 +21,26 @@ from typing import Any
 import numpy as np
 import tvm
 
+try:  # TEMPORARY until lntune.files lands
+    from lntune import files
+except ImportError:
+    files = None
+
+from lntune.scalars import check_eps
+
 LIBRARY = "lntune.so"
 MANIFEST = "manifest.json"
 STATS_DTYPE = "float32"
 _DEVICE_BACKENDS = {"cuda": "libtvm_runtime_cuda.so", "rocm": "libtvm_runtime_rocm.so"}
+# The byte alignment the kernels assume of every tensor: the GPU kernels use 16-byte vector loads,
+# stores and cp.async; LLVM's CPU code may use aligned vector instructions (a float32 view 4 bytes off
+# faulted). A tensor that is not aligned (or not contiguous) is copied first, never passed.
+ALIGNMENT = {"cpu": 64, "cuda": 16, "rocm": 16}
+_MAX_PLANS = 4096
+# Output buffers that share one allocation start at multiples of this many bytes.
+_PAD_BYTES = 64
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+_TVM_DEVICES = {1: "cpu", 2: "cuda", 10: "rocm"}
 
 
 def _numpy_dtype(name: str):
@@ -41,15 +60,24 @@ def _register_device_backend(family: str) -> None:
         ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
 
 
-class _Kind:
-    """How a caller's arrays are handled: numpy (copied to/from the device) or DLPack tensors (zero-copy)."""
+def _torch():
+    """The torch module if the process imported it (a torch tensor cannot exist otherwise)."""
+    return sys.modules.get("torch")
 
-    def __init__(self, sample: Any) -> None:
-        module = type(sample).__module__
-        self.is_numpy = isinstance(sample, np.ndarray)
-        self.is_torch = module.startswith("torch")
-        if not (self.is_numpy or self.is_torch or isinstance(sample, tvm.runtime.Tensor)):
-            raise TypeError(f"expected numpy arrays, torch tensors or tvm tensors, got {type(sample).__name__}")
+
+def _is_torch(value: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _torch_dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _padded(count: int, itemsize: int) -> int:
+    """count rounded up so that what follows it in a shared allocation stays _PAD_BYTES-aligned."""
+    step = max(1, _PAD_BYTES // itemsize)
+    return -(-count // step) * step
 
 
 @dataclass(frozen=True)
@@ -62,172 +90,337 @@ class _Info:
 def _info(name: str, value: Any) -> _Info:
     """Shape, dtype and device of an argument, or a TypeError naming it."""
     if isinstance(value, np.ndarray):
-        if not value.flags.c_contiguous:
-            raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
         dtype = "bfloat16" if value.dtype.name == "bfloat16" else value.dtype.name
         return _Info(tuple(value.shape), dtype, "cpu")
-    if type(value).__module__.startswith("torch"):
-        if not value.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (call .contiguous())")
-        return _Info(tuple(value.shape), str(value.dtype).removeprefix("torch."), value.device.type)
+    if _is_torch(value):
+        return _Info(tuple(value.shape), _torch_dtype_name(value.dtype), str(value.device))
     if isinstance(value, tvm.runtime.Tensor):
-        device = {1: "cpu", 2: "cuda", 10: "rocm"}.get(value.device.dlpack_device_type(), "other")
+        device = _TVM_DEVICES.get(value.device.dlpack_device_type(), "other")
+        device = device if device == "cpu" else f"{device}:{value.device.index}"
         return _Info(tuple(value.shape), str(value.dtype), device)
-    raise TypeError(f"{name} must be a numpy array, torch tensor or tvm tensor, got {type(value).__name__}")
+    raise TypeError(
+        f"{name} must be a numpy array, torch tensor or tvm tensor (all of one kind), got {type(value).__name__}"
+    )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one checked call needs: the functions to launch and the sizes of what it allocates."""
+
+    rows: int
+    hidden: int
+    dtype: str
+    param_dtype: str
+    main: Any
+    sum: Any = None
+    parts: int = 0
+    device_index: int = -1  # a CUDA tensor's device (TVM launches on the current device)
 
 
 class Library:
-    """The kernels of one exported library, dispatched by (hidden size, dtype)."""
+    """The kernels of one exported library, dispatched by (hidden size, dtype, parameters' dtype)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, manifest: dict) -> None:
         self.directory = directory
-        self.manifest = json.loads((directory / MANIFEST).read_text())
-        self.family = self.manifest["device"]
+        self.manifest = manifest
+        self.family = manifest["device"]
         _register_device_backend(self.family)
         self.module = tvm.runtime.load_module(str(directory / LIBRARY))
+        if files is not None and hasattr(files, "check_functions"):
+            files.check_functions(manifest, self.module, directory / MANIFEST)
         self.device = {"cpu": tvm.cpu, "cuda": tvm.cuda, "rocm": tvm.rocm}[self.family](0)
-        self.functions = {(v["op"], v["hidden"], v["dtype"]): v["function"] for v in self.manifest["variants"]}
-        self.parts = {(v["hidden"], v["dtype"]): v["parts"] for v in self.manifest["variants"] if v["op"] == "backward"}
-        self.variants = sorted({(h, d) for (_, h, d) in self.functions})
+        self.alignment = ALIGNMENT[self.family]
+        self.functions: dict[tuple[str, int, str, str], str] = {}
+        self.parts: dict[tuple[int, str, str], int] = {}
+        for v in manifest["variants"]:
+            key = (v["op"], v["hidden"], v["dtype"], v.get("param_dtype", v["dtype"]))
+            self.functions[key] = v["function"]
+            if v["op"] == "backward":
+                self.parts[key[1:]] = v["parts"]
+        # forward_stats has no parameters: any entry of the activations' dtype serves every variant.
+        self._stats = {(h, d): name for (op, h, d, _), name in self.functions.items() if op == "forward_stats"}
+        self.variants: list[tuple[int, str, str]] = sorted(
+            (h, d, p) for (op, h, d, p) in self.functions if op == "forward"
+        )
+        self._variant_set = set(self.variants)
         self._cache: dict[str, Any] = {}
+        self._plans: dict[tuple, _Plan] = {}
 
     def __repr__(self) -> str:
-        return f"lntune.Library({str(self.directory)!r}, target={self.manifest['target']}, variants={self.variants})"
+        names = [f"{h}:{d}" + (f"/{p}" if p != d else "") for h, d, p in self.variants]
+        return f"lntune.Library({str(self.directory)!r}, target={self.manifest['target']}, variants={names})"
 
-    # -- validation -------------------------------------------------------------------------------
-    def _row_input(self, name: str, value: Any) -> _Info:
-        info = _info(name, value)
-        if len(info.shape) != 2:
-            raise ValueError(f"{name} must be 2-D [rows, hidden], got shape {info.shape}")
-        hidden, dtype = info.shape[1], info.dtype
-        if (hidden, dtype) not in self.variants:
-            raise ValueError(
-                f"{name}: no variant for hidden={hidden}, dtype={dtype} in this library; it has {self.variants}"
-            )
-        # numpy arrays are copied to the library's device; tensors must already be there (zero-copy).
-        if info.device != self.family and not isinstance(value, np.ndarray):
-            raise ValueError(f"{name} is on {info.device}, but this library runs on {self.family}")
-        return info
+    def has_variant(self, hidden: int, dtype: str, param_dtype: str | None = None) -> bool:
+        return (hidden, dtype, param_dtype or dtype) in self._variant_set
 
-    def _expect(self, name: str, value: Any, shape: tuple[int, ...], dtype: str, ref: _Info) -> None:
-        info = _info(name, value)
-        if info.shape != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {info.shape}")
-        if info.dtype != dtype:
-            raise ValueError(f"{name} must have dtype {dtype}, got {info.dtype}")
-        if info.device != ref.device or type(value).__module__.split(".")[0] != self._kind_name:
-            raise ValueError(f"{name} must be the same kind of array on the same device as the first input")
-
-    @staticmethod
-    def _eps(eps: float) -> float:
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-            raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
-        return float(eps)
-
-    # -- memory -----------------------------------------------------------------------------------
-    def _begin(self, first: Any) -> _Kind:
-        kind = _Kind(first)
-        self._kind_name = type(first).__module__.split(".")[0]
-        return kind
-
-    def _to_device(self, kind: _Kind, value: Any):
-        return tvm.runtime.tensor(value, self.device) if kind.is_numpy else value
-
-    def _empty(self, kind: _Kind, like: Any, shape: tuple[int, ...], dtype: str):
-        if kind.is_torch:
-            import torch
-
-            return torch.empty(shape, dtype=getattr(torch, dtype), device=like.device)
-        return tvm.runtime.empty(shape, dtype, self.device)
-
-    def _back(self, kind: _Kind, value: Any):
-        return value.numpy() if kind.is_numpy else value
-
-    @staticmethod
-    def _stream(kind: _Kind, sample: Any):
-        """Launch on torch's current CUDA stream when given CUDA torch tensors (else a no-op context)."""
-        if kind.is_torch and sample.device.type == "cuda":
-            import tvm_ffi
-
-            return tvm_ffi.use_torch_stream()
-        return contextlib.nullcontext()
-
-    def kernel(self, op: str, hidden: int, dtype: str):
+    def kernel(self, op: str, hidden: int, dtype: str, param_dtype: str | None = None):
         """The raw compiled function of one kernel (arguments as in te_ops, outputs last)."""
-        return self._function(op, hidden, dtype)
-
-    def _function(self, op: str, hidden: int, dtype: str):
-        name = self.functions[(op, hidden, dtype)]
+        if op == "forward_stats":
+            name = self._stats[(hidden, dtype)]
+        else:
+            name = self.functions[(op, hidden, dtype, param_dtype or dtype)]
         if name not in self._cache:
             self._cache[name] = self.module[name]
         return self._cache[name]
 
+    def parts_for(self, hidden: int, dtype: str, param_dtype: str | None = None) -> int:
+        """P, the number of fp32 partial rows the backward of this variant writes."""
+        return self.parts[(hidden, dtype, param_dtype or dtype)]
+
+    # -- checks (made once per plan) ----------------------------------------------------------------
+    def _device_of(self, infos: dict[str, _Info], numpy_in: bool) -> int:
+        """The CUDA/ROCm device index all arguments share, after checking they do (-1 on CPU)."""
+        first_name, first = next(iter(infos.items()))
+        for name, info in infos.items():
+            if info.device != first.device:
+                raise ValueError(f"{name} is on {info.device}, but {first_name} is on {first.device}")
+        family = first.device.split(":")[0]
+        if family != self.family and not numpy_in:  # numpy arrays are copied to the library's device
+            raise ValueError(f"{first_name} is on {first.device}, but this library runs on {self.family}")
+        return int(first.device.split(":")[1]) if ":" in first.device and family != "cpu" else -1
+
+    def _variant(self, name: str, info: _Info, param: _Info | None) -> tuple[int, int, str]:
+        """(rows, hidden, parameters' dtype) of the variant a call runs: the parameters' dtype picks a
+        mixed variant (float32 gamma beside 16-bit rows) where the library has one."""
+        if len(info.shape) != 2:
+            raise ValueError(f"{name} must be 2-D [rows, hidden], got shape {info.shape}")
+        rows, hidden = info.shape
+        if param is not None and (hidden, info.dtype, param.dtype) in self._variant_set:
+            return rows, hidden, param.dtype
+        if (hidden, info.dtype, info.dtype) in self._variant_set:
+            return rows, hidden, info.dtype
+        have = ", ".join(f"{h}:{d}" + (f"/{p}" if p != d else "") for h, d, p in self.variants)
+        raise ValueError(f"{name}: no variant for hidden={hidden}, dtype={info.dtype} in this library; it has {have}")
+
+    @staticmethod
+    def _expect(name: str, info: _Info, shape: tuple[int, ...], dtypes: tuple[str, ...]) -> None:
+        if info.shape != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {info.shape}")
+        if info.dtype not in dtypes:
+            raise ValueError(f"{name} must have dtype {' or '.join(dtypes)}, got {info.dtype}")
+
+    def _plan(self, op: str, args: dict[str, Any]) -> _Plan:
+        """Check one call's arguments (shapes, dtypes, devices) and say what to launch."""
+        infos = {name: _info(name, value) for name, value in args.items()}
+        kinds = {type(v).__module__.split(".")[0] for v in args.values()}
+        if len(kinds) > 1:
+            raise TypeError(f"all arguments must be of one kind (numpy, torch or tvm), got {sorted(kinds)}")
+        numpy_in = isinstance(next(iter(args.values())), np.ndarray)
+        first = "x" if op.startswith("forward") else "dy"
+        rows, hidden, param_dtype = self._variant(first, infos[first], infos.get("gamma"))
+        dtype = infos[first].dtype
+        if op == "forward":
+            for name in ("gamma", "beta"):
+                self._expect(name, infos[name], (hidden,), (param_dtype,))
+        elif op == "backward":
+            self._expect("x", infos["x"], (rows, hidden), (dtype,))
+            for name in ("mean", "rstd"):
+                self._expect(name, infos[name], (rows,), (STATS_DTYPE,))
+            self._expect("gamma", infos["gamma"], (hidden,), (param_dtype,))
+        device_index = self._device_of(infos, numpy_in)
+        if op == "backward":
+            return _Plan(
+                rows,
+                hidden,
+                dtype,
+                param_dtype,
+                self.kernel("backward", hidden, dtype, param_dtype),
+                self.kernel("backward_sum", hidden, dtype, param_dtype),
+                self.parts_for(hidden, dtype, param_dtype),
+                device_index,
+            )
+        return _Plan(
+            rows, hidden, dtype, param_dtype, self.kernel(op, hidden, dtype, param_dtype), None, 0, device_index
+        )
+
+    # -- the torch path ------------------------------------------------------------------------------
+    # Keys hold each argument's (shape, dtype, device); a failed check stores nothing, so a key that
+    # is found was checked. Written out per op: this is the per-call cost that users see.
+    def _plan_for(self, key: tuple, op: str, args: dict[str, Any]) -> _Plan:
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= _MAX_PLANS:  # row counts that vary without end: start over
+                self._plans.clear()
+            plan = self._plans[key] = self._plan(op, args)
+        return plan
+
+    def _ready(self, t):
+        """t itself when the kernels may read it in place, else a contiguous, aligned copy."""
+        if t.is_contiguous() and t.data_ptr() % self.alignment == 0:
+            return t
+        return t.clone(memory_format=_torch().contiguous_format)
+
+    @staticmethod
+    def _launch(plan: _Plan, function, *args) -> None:
+        if plan.device_index >= 0:
+            torch = _torch()
+            if torch.cuda.current_device() != plan.device_index:  # TVM launches on the current device
+                with torch.cuda.device(plan.device_index):
+                    return function(*args)
+        function(*args)
+
+    @staticmethod
+    def _stats_pair(like, rows: int):
+        """mean and rstd (two allocations: cheaper than slicing one in two, measured on CPU)."""
+        f32 = _torch().float32
+        return like.new_empty((rows,), dtype=f32), like.new_empty((rows,), dtype=f32)
+
+    @staticmethod
+    def _partials(like, parts: int, hidden: int):
+        """The two [P, N] float32 partial buffers of a backward, from one allocation; the second
+        starts _PAD_BYTES-aligned (it always does at the P of today's targets)."""
+        f32 = _torch().float32
+        size, step = parts * hidden, _padded(parts * hidden, 4)
+        if size == step:
+            both = like.new_empty((2, parts, hidden), dtype=f32)
+            return both[0], both[1]
+        both = like.new_empty((2, step), dtype=f32)
+        return both[0, :size].view(parts, hidden), both[1, :size].view(parts, hidden)
+
+    def _torch_forward(self, x, gamma, beta, eps: float):
+        key = (
+            "f",
+            x.shape,
+            x.dtype,
+            x.device,
+            gamma.shape,
+            gamma.dtype,
+            gamma.device,
+            beta.shape,
+            beta.dtype,
+            beta.device,
+        )
+        plan = self._plan_for(key, "forward", {"x": x, "gamma": gamma, "beta": beta})
+        ready = self._ready
+        x, gamma, beta = ready(x), ready(gamma), ready(beta)
+        y = _torch().empty_like(x)
+        mean, rstd = self._stats_pair(x, plan.rows)
+        if plan.rows:
+            self._launch(plan, plan.main, x, gamma, beta, eps, y, mean, rstd)
+        return y, mean, rstd
+
+    def _torch_forward_stats(self, x, eps: float):
+        plan = self._plan_for(("s", x.shape, x.dtype, x.device), "forward_stats", {"x": x})
+        x = self._ready(x)
+        mean, rstd = self._stats_pair(x, plan.rows)
+        if plan.rows:
+            self._launch(plan, plan.main, x, eps, mean, rstd)
+        return mean, rstd
+
+    def _torch_backward(self, dy, x, mean, rstd, gamma):
+        key = (
+            "b",
+            dy.shape,
+            dy.dtype,
+            dy.device,
+            x.shape,
+            x.dtype,
+            x.device,
+            mean.shape,
+            mean.dtype,
+            mean.device,
+            rstd.shape,
+            rstd.dtype,
+            rstd.device,
+            gamma.shape,
+            gamma.dtype,
+            gamma.device,
+        )
+        plan = self._plan_for(key, "backward", {"dy": dy, "x": x, "mean": mean, "rstd": rstd, "gamma": gamma})
+        torch, ready = _torch(), self._ready
+        dy, x, mean, rstd, gamma = ready(dy), ready(x), ready(mean), ready(rstd), ready(gamma)
+        dx = torch.empty_like(dy)
+        dgamma = torch.empty_like(gamma)  # the parameters' dtype (float32 in a mixed variant)
+        dbeta = torch.empty_like(gamma)
+        if not plan.rows:
+            return dx, dgamma.zero_(), dbeta.zero_()
+        # The fp32 partials from torch's caching allocator, ordered on its current stream (a TVM
+        # allocation would be a cudaMalloc/cudaFree pair, the free waiting for the whole device).
+        parts = self._partials(dy, plan.parts, plan.hidden)
+        self._launch(plan, plan.main, dy, x, mean, rstd, gamma, dx, *parts)
+        self._launch(plan, plan.sum, *parts, dgamma, dbeta)
+        return dx, dgamma, dbeta
+
+    # -- numpy and TVM tensors -----------------------------------------------------------------------
+    def _host_ready(self, value):
+        """numpy arrays go to the library's device as TVM tensors (an aligned copy); TVM tensors
+        must already be contiguous and aligned there."""
+        if isinstance(value, np.ndarray):
+            return tvm.runtime.tensor(np.ascontiguousarray(value), self.device)
+        if not value.is_contiguous() or value.data_ptr() % self.alignment:
+            raise ValueError(f"a tvm tensor must be contiguous and {self.alignment}-byte aligned")
+        return value
+
+    def _host_empty(self, shape: tuple[int, ...], dtype: str):
+        return tvm.runtime.empty(shape, dtype, self.device)
+
+    @staticmethod
+    def _host_back(numpy_in: bool, values):
+        return tuple(v.numpy() if numpy_in else v for v in values)
+
     # -- the API ----------------------------------------------------------------------------------
     def forward(self, x, gamma, beta, eps: float = 1e-5):
         """y, mean, rstd of LayerNorm over the last axis of x[M, N]."""
-        kind = self._begin(x)
-        info = self._row_input("x", x)
-        eps = self._eps(eps)
-        rows, hidden = info.shape
-        for name, value in (("gamma", gamma), ("beta", beta)):
-            self._expect(name, value, (hidden,), info.dtype, info)
-        y = self._empty(kind, x, (rows, hidden), info.dtype)
-        mean = self._empty(kind, x, (rows,), STATS_DTYPE)
-        rstd = self._empty(kind, x, (rows,), STATS_DTYPE)
+        eps = check_eps(eps)
+        if _is_torch(x):
+            return self._torch_forward(x, gamma, beta, eps)
+        plan = self._plan("forward", {"x": x, "gamma": gamma, "beta": beta})
+        numpy_in = isinstance(x, np.ndarray)
+        rows, hidden = plan.rows, plan.hidden
+        y = self._host_empty((rows, hidden), plan.dtype)
+        mean, rstd = self._host_empty((rows,), STATS_DTYPE), self._host_empty((rows,), STATS_DTYPE)
         if rows:
-            args = [self._to_device(kind, a) for a in (x, gamma, beta)]
-            with self._stream(kind, x):
-                self._function("forward", hidden, info.dtype)(*args, eps, y, mean, rstd)
-        return tuple(self._back(kind, t) for t in (y, mean, rstd))
+            inputs = [self._host_ready(v) for v in (x, gamma, beta)]
+            plan.main(*inputs, eps, y, mean, rstd)
+        return self._host_back(numpy_in, (y, mean, rstd))
 
     def forward_stats(self, x, eps: float = 1e-5):
         """mean, rstd of each row of x[M, N]."""
-        kind = self._begin(x)
-        info = self._row_input("x", x)
-        eps = self._eps(eps)
-        rows, hidden = info.shape
-        mean = self._empty(kind, x, (rows,), STATS_DTYPE)
-        rstd = self._empty(kind, x, (rows,), STATS_DTYPE)
-        if rows:
-            with self._stream(kind, x):
-                self._function("forward_stats", hidden, info.dtype)(self._to_device(kind, x), eps, mean, rstd)
-        return tuple(self._back(kind, t) for t in (mean, rstd))
+        eps = check_eps(eps)
+        if _is_torch(x):
+            return self._torch_forward_stats(x, eps)
+        plan = self._plan("forward_stats", {"x": x})
+        mean, rstd = self._host_empty((plan.rows,), STATS_DTYPE), self._host_empty((plan.rows,), STATS_DTYPE)
+        if plan.rows:
+            plan.main(self._host_ready(x), eps, mean, rstd)
+        return self._host_back(isinstance(x, np.ndarray), (mean, rstd))
 
     def backward(self, dy, x, mean, rstd, gamma):
         """dx, dgamma, dbeta given dy and the forward's x, mean, rstd and gamma."""
-        kind = self._begin(dy)
-        info = self._row_input("dy", dy)
-        rows, hidden = info.shape
-        self._expect("x", x, info.shape, info.dtype, info)
-        for name, value in (("mean", mean), ("rstd", rstd)):
-            self._expect(name, value, (rows,), STATS_DTYPE, info)
-        self._expect("gamma", gamma, (hidden,), info.dtype, info)
-        dx = self._empty(kind, dy, (rows, hidden), info.dtype)
-        dgamma = self._empty(kind, dy, (hidden,), info.dtype)
-        dbeta = self._empty(kind, dy, (hidden,), info.dtype)
-        # The fp32 partials live on the device. With torch tensors they come from torch's caching
-        # allocator, ordered on its current stream: tvm.runtime.empty is a cudaMalloc, and freeing it
-        # a cudaFree, which waits for the whole device, in every training step's backward.
-        count = self.parts[(hidden, info.dtype)]
-        parts = [self._empty(kind, dy, (count, hidden), STATS_DTYPE) for _ in range(2)]
-        args = [self._to_device(kind, a) for a in (dy, x, mean, rstd, gamma)]
-        with self._stream(kind, dy):
-            if rows:
-                self._function("backward", hidden, info.dtype)(*args, dx, *parts)
-            else:  # no rows: the sum still runs, over P rows of zeros
-                for p in parts:
-                    if kind.is_torch:
-                        p.zero_()
-                    else:
-                        p.copyfrom(np.zeros((count, hidden), STATS_DTYPE))
-            self._function("backward_sum", hidden, info.dtype)(*parts, dgamma, dbeta)
-        return tuple(self._back(kind, t) for t in (dx, dgamma, dbeta))
+        if _is_torch(dy):
+            return self._torch_backward(dy, x, mean, rstd, gamma)
+        args = {"dy": dy, "x": x, "mean": mean, "rstd": rstd, "gamma": gamma}
+        plan = self._plan("backward", args)
+        rows, hidden = plan.rows, plan.hidden
+        dx = self._host_empty((rows, hidden), plan.dtype)
+        dgamma, dbeta = (self._host_empty((hidden,), plan.param_dtype) for _ in range(2))
+        parts = [self._host_empty((plan.parts, hidden), STATS_DTYPE) for _ in range(2)]
+        if rows:
+            plan.main(*(self._host_ready(v) for v in args.values()), dx, *parts)
+        else:  # no rows: the sum still runs, over P rows of zeros
+            for p in parts:
+                p.copyfrom(np.zeros((plan.parts, hidden), STATS_DTYPE))
+        plan.sum(*parts, dgamma, dbeta)
+        return self._host_back(isinstance(dy, np.ndarray), (dx, dgamma, dbeta))
 
 
 def load(path: str | Path) -> Library:
-    """Load an export directory, or the lntune.so inside one (manifest.json must sit beside it)."""
-    path = Path(path)
-    directory = path.parent if path.suffix == ".so" else path
+    """Load an export directory, or the lntune.so inside one (manifest.json must sit beside it).
+
+    The manifest is checked (its fields, and the library's recorded size and checksum) before the
+    library is opened, so a damaged export fails with one message naming the file (files.LibraryError).
+    """
+    path = Path(path).expanduser()
+    if path.suffix == ".so" or path.name == MANIFEST:
+        if path.name not in (LIBRARY, MANIFEST):
+            raise ValueError(f"{path}: an lntune export is a folder holding {LIBRARY} and {MANIFEST}; pass the folder")
+        directory = path.parent
+    else:
+        directory = path
     if not (directory / MANIFEST).exists() or not (directory / LIBRARY).exists():
         raise FileNotFoundError(f"{directory} holds no {LIBRARY} + {MANIFEST} (run `lntune export` first)")
-    return Library(directory)
+    if files is not None and hasattr(files, "read_manifest"):
+        return Library(directory, files.read_manifest(directory))
+    import json
+
+    return Library(directory, json.loads((directory / MANIFEST).read_text()))

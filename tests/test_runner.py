@@ -56,12 +56,13 @@ def test_eps_is_a_runtime_argument(llvm_library):
         (lambda a: {**a, "x": a["x"].astype(np.float64)}, ValueError, "no variant for hidden=128, dtype=float64"),
         (lambda a: {**a, "x": a["x"][0]}, ValueError, "x must be 2-D"),
         (lambda a: {**a, "x": np.zeros((5, 99), np.float32)}, ValueError, "no variant for hidden=99"),
-        (lambda a: {**a, "x": np.asfortranarray(a["x"])}, ValueError, "x must be C-contiguous"),
         (lambda a: {**a, "gamma": a["gamma"][:64]}, ValueError, r"gamma must have shape \(128,\)"),
         (lambda a: {**a, "beta": a["beta"].astype(np.float16)}, ValueError, "beta must have dtype float32"),
-        (lambda a: {**a, "x": a["x"].tolist()}, TypeError, "numpy arrays, torch tensors or tvm tensors"),
-        (lambda a: {**a, "eps": 0.0}, ValueError, "eps must be a finite float > 0"),
-        (lambda a: {**a, "eps": float("nan")}, ValueError, "eps must be a finite float > 0"),
+        (lambda a: {**a, "x": a["x"].tolist()}, TypeError, "x must be a numpy array, torch tensor or tvm tensor"),
+        (lambda a: {**a, "eps": 0.0}, ValueError, "eps must be a finite number > 0"),
+        (lambda a: {**a, "eps": float("nan")}, ValueError, "eps must be a finite number > 0"),
+        (lambda a: {**a, "eps": 1e-300}, ValueError, "that float32 can hold"),
+        (lambda a: {**a, "eps": "1e-5"}, ValueError, "eps must be a real number"),
     ],
 )
 def test_forward_rejects_bad_input(llvm_library, change, error, message):
@@ -107,3 +108,20 @@ def test_torch_backward_takes_its_partials_from_torch_not_tvm(llvm_library, monk
         assert reference.rel_error(got.numpy(), expected) < reference.TOLERANCE["float32"]
     if rows == 0:
         assert not dgamma.any() and not dbeta.any()
+
+
+def test_any_layout_and_real_scalar_is_accepted(llvm_library):
+    """Column-major and strided numpy arrays are copied (not refused, not misread); eps may be any
+    real scalar, numpy's included."""
+    x, gamma, beta = _inputs(rows=6)
+    want = reference.forward(x, gamma, beta, 1e-5)[0]
+    for layout in (np.asfortranarray(x), np.repeat(x, 2, axis=1)[:, ::2]):
+        assert not layout.flags.c_contiguous
+        y, _, _ = llvm_library.forward(layout, gamma, beta, eps=np.float32(1e-5))
+        assert reference.rel_error(y, want) < reference.TOLERANCE["float32"]
+
+
+def test_load_names_what_it_was_given(llvm_library, tmp_path):
+    assert lntune.load(llvm_library.directory / "manifest.json").variants == llvm_library.variants
+    with pytest.raises(ValueError, match="pass the folder"):
+        lntune.load(llvm_library.directory / "other.so")
