@@ -1,10 +1,14 @@
 """lntune.torch against torch.nn.functional.layer_norm: values and gradients, modules, torch.compile."""
 
+import copy
+import os
+
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
+import lntune.torch as lt  # noqa: E402
 from lntune.torch import LayerNorm, layer_norm  # noqa: E402
 from te_ops import reference  # noqa: E402
 
@@ -104,3 +108,169 @@ def test_tensors_on_another_device_are_refused(llvm_library):
     w = torch.empty(128, device="meta")
     with pytest.raises(ValueError, match="x is on meta, but this library runs on cpu"):
         llvm_library.forward(x, w, w)
+
+
+# -- the eager fast path, the cache, patch(), compile -------------------------------------------------
+def _grads(y, inputs, dy):
+    return torch.autograd.grad(y, inputs, dy)
+
+
+def _reference(x, w, b, eps, dy):
+    """torch's layer_norm in float64 on the same values: y and the gradients of x, w, b."""
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    y64 = torch.nn.functional.layer_norm(x64, (x.shape[-1],), w64, b64, eps)
+    return (y64, *_grads(y64, (x64, w64, b64), dy.double()))
+
+
+def test_misaligned_and_strided_views_are_copied_not_crashed(llvm_library):
+    """Views 4 bytes off an allocation (weight and bias cut from one flat buffer), a transposed x
+    and a stride-0 dy (from .sum().backward()) give torch's results instead of a fault."""
+    hidden = 128
+    flat = torch.randn(1 + 2 * hidden + 64 * hidden)
+    w = flat[1 : hidden + 1]
+    b = flat[hidden + 1 : 2 * hidden + 1]
+    assert w.data_ptr() % 16 and b.data_ptr() % 16
+    x_base = flat[2 * hidden + 1 :].view(64, hidden) + 2
+    x = flat[2 * hidden + 1 :].view(64, hidden).detach().requires_grad_()  # misaligned, contiguous
+    xt = x_base.t().contiguous().t().detach().requires_grad_()  # column-major: not contiguous
+    for inp in (x, xt):
+        y = layer_norm(inp, hidden, w, b, 1e-5, library=llvm_library)
+        want = torch.nn.functional.layer_norm(inp.detach().double(), (hidden,), w.double(), b.double(), 1e-5)
+        assert _rel(y, want) < 1e-5
+        (gx,) = torch.autograd.grad(y.sum(), (inp,))  # dy = ones, expanded: stride 0
+        x64 = inp.detach().double().requires_grad_()
+        (want_gx,) = torch.autograd.grad(
+            torch.nn.functional.layer_norm(x64, (hidden,), w.double(), b.double(), 1e-5).sum(), (x64,)
+        )
+        assert reference.rel_error(gx.double().numpy(), want_gx.numpy()) < 1e-4 or gx.abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_constant_rows_normalize_to_beta_exactly(llvm_library, dtype):
+    """Padding rows are constant: y is beta exactly and the gradients are finite, at BERT's eps."""
+    hidden = 1000
+    x = torch.full((3, hidden), -7.3, dtype=dtype).requires_grad_()
+    w = torch.randn(hidden, dtype=dtype).requires_grad_()
+    b = torch.randn(hidden, dtype=dtype).requires_grad_()
+    y = layer_norm(x, hidden, w, b, 1e-12, library=llvm_library)
+    assert torch.equal(y, b.detach().expand_as(y))
+    grads = torch.autograd.grad(y, (x, w, b), torch.randn_like(y))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_numpy_scalars_are_accepted(llvm_library):
+    x = torch.randn(5, 128)
+    y = layer_norm(x, np.int64(128), eps=np.float32(1e-5), library=llvm_library)
+    assert _rel(y, torch.nn.functional.layer_norm(x, (128,), eps=1e-5)) < 1e-5
+    assert LayerNorm(np.int64(128), np.float64(1e-5), library=llvm_library)(x).shape == x.shape
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("inf"), 1e-300, 1e39, True])
+def test_eps_that_float32_cannot_hold_is_refused(llvm_library, eps):
+    with pytest.raises(ValueError, match="eps"):
+        layer_norm(torch.randn(2, 128), 128, eps=eps, library=llvm_library)
+
+
+def test_a_weight_on_another_device_is_refused(llvm_library):
+    x, w = torch.randn(4, 128), torch.empty(128, device="meta")
+    with pytest.raises(ValueError, match="gamma is on meta, but x is on cpu"):
+        layer_norm(x, 128, w, torch.zeros(128), library=llvm_library)
+
+
+def test_launch_plans_are_cached_per_shape_and_still_checked(llvm_library):
+    lib = llvm_library
+    x, w, b = torch.randn(611, 128), torch.randn(128), torch.randn(128)
+    before = len(lib._plans)
+    lib.forward(x, w, b)
+    lib.forward(torch.randn(611, 128), w, b)  # same shapes, dtypes, device: the same plan
+    assert len(lib._plans) == before + 1
+    y, _, _ = lib.forward(torch.randn(613, 128), w, b)  # another M: a plan of its own, and right
+    assert len(lib._plans) == before + 2 and y.shape == (613, 128)
+    with pytest.raises(ValueError, match=r"gamma must have shape \(128,\)"):
+        lib.forward(x, w[:64], b)  # a known x shape with a wrong gamma is checked again
+    with pytest.raises(ValueError, match="gamma must have dtype float32"):
+        lib.forward(x, w.double(), b)
+
+
+def test_patch_replaces_layer_norms_and_keeps_their_parameters(llvm_library):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(128, 128), torch.nn.LayerNorm(128), torch.nn.Sequential(torch.nn.LayerNorm(128, eps=1e-6))
+    )
+    reference_model = copy.deepcopy(model)
+    weight = model[1].weight
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    lt.patch(model, library=llvm_library)
+    assert isinstance(model[1], LayerNorm) and isinstance(model[2][0], LayerNorm)
+    assert model[1].weight is weight and model[2][0].eps == 1e-6
+    x, target = torch.randn(8, 128), torch.randn(8, 128)
+    for m in (model, reference_model):
+        (m(x) * target).sum().backward()
+    assert _rel(model(x), reference_model(x)) < 1e-5
+    assert _rel(model[2][0].weight.grad, reference_model[2][0].weight.grad) < 1e-4
+    optimizer.step()  # the optimizer still holds the parameters the patched layers use
+    assert not torch.equal(model[1].weight, reference_model[1].weight)
+
+
+def test_compile_with_inductor_does_not_recompile_per_row_count(llvm_library):
+    """fullgraph=True with the default backend; after dynamo marks M dynamic, new M reuse the graph."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    module = LayerNorm(128, library=llvm_library)
+    compiled = torch.compile(module, fullgraph=True)
+    for rows in (5, 9, 33, 70):
+        x = (torch.randn(rows, 128) + 2).requires_grad_()
+        dy = torch.randn(rows, 128)
+        y = compiled(x)
+        (gx,) = torch.autograd.grad(y, (x,), dy)
+        want = _reference(x, module.weight, module.bias, 1e-5, dy)
+        assert _rel(y, want[0]) < 1e-5 and _rel(gx, want[1]) < 1e-4
+    assert counters["stats"]["unique_graphs"] <= 2
+
+
+def test_cache_builds_once_and_reuses(tmp_path, monkeypatch):
+    """Without library=, a variant is exported into $LNTUNE_CACHE on first use, then loaded."""
+    from lntune import build, cache
+
+    monkeypatch.setenv("LNTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(lt, "_CHOSEN", {})
+    monkeypatch.setattr(cache, "_LOADED", {})
+    x = torch.randn(3, 24) + 1
+    y = LayerNorm(24)(x)  # torch.nn.LayerNorm's positional arguments, no library
+    assert _rel(y, torch.nn.functional.layer_norm(x, (24,))) < 1e-5
+    built = list(tmp_path.glob("*/n24-float32/manifest.json"))
+    assert len(built) == 1
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("a cached variant was exported again")
+
+    monkeypatch.setattr(build, "export", no_export)
+    monkeypatch.setattr(lt, "_CHOSEN", {})
+    monkeypatch.setattr(cache, "_LOADED", {})
+    assert _rel(LayerNorm(24)(x), y) == 0
+
+
+def test_two_processes_building_one_variant_share_the_cache(tmp_path):
+    """Both succeed and the entry is built once (the second waits for the first's lock)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, lntune.torch as lt; x = torch.randn(4, 40) + 1; "
+        "y = lt.layer_norm(x, 40); "
+        "assert (y - torch.nn.functional.layer_norm(x, (40,))).abs().max() < 1e-5; print('ok')"
+    )
+    env = {**os.environ, "LNTUNE_CACHE": str(tmp_path)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-1500:] for _, err in outs]
+    assert sum("lntune: built" in err for _, err in outs) == 1
+    assert len(list(tmp_path.glob("*/n40-float32/lntune.so"))) == 1
+    assert not list(tmp_path.glob("*/*.tmp*"))  # no half-written folder left behind
