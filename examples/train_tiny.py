@@ -2,24 +2,23 @@
 
     python examples/train_tiny.py [--steps 30] [--hidden 256]
 
-Uses CUDA when a GPU is visible (exporting a cuda-sm90 library needs the full TVM there), else the
-CPU with an llvm library. Prints the loss of both models step by step (same data, same initial
-weights) and the median time per step.
+Uses CUDA when a GPU is visible, else the CPU. The lntune model is torch's, patched in place
+(`lntune.torch.patch`): its LayerNorm kernels come from lntune's per-user cache, exported on first
+use. Prints the loss of both models step by step (same data, same initial weights) and the median
+time per step.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
-import tempfile
 import time
 
 import torch
 from torch import nn
 
-from lntune.build import export
-from lntune.runner import load
-from lntune.torch import LayerNorm
+import lntune.torch
 
 
 class Block(nn.Module):
@@ -47,38 +46,33 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    target = "cuda-sm90" if device == "cuda" else "llvm"
-    with tempfile.TemporaryDirectory() as tmp:
-        export(target, [args.hidden], ["float32"], tmp)
-        library = load(tmp)
-        torch.manual_seed(0)
-        ours = Block(args.hidden, 4, lambda n: LayerNorm(n, library=library)).to(device)
-        theirs = Block(args.hidden, 4, nn.LayerNorm).to(device)
-        theirs.load_state_dict(ours.state_dict())
-        data = torch.randn(args.batch, args.seq, args.hidden, device=device)
-        target_values = torch.sin(data.sum(-1))
-        runs = {"lntune": ours, "torch": theirs}
-        optims = {name: torch.optim.Adam(model.parameters(), lr=1e-3) for name, model in runs.items()}
-        times = {name: [] for name in runs}
-        print(f"device {device}, hidden {args.hidden}, {args.batch}x{args.seq} tokens")
-        for step in range(args.steps):
-            losses = {}
-            for name, model in runs.items():
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                loss = nn.functional.mse_loss(model(data), target_values)
-                optims[name].zero_grad()
-                loss.backward()
-                optims[name].step()
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - start)
-                losses[name] = loss.item()
-            if step % 5 == 0 or step == args.steps - 1:
-                print(f"step {step:3d}  loss lntune {losses['lntune']:.4f}  torch {losses['torch']:.4f}")
-        for name in runs:
-            print(f"{name:>6}: {statistics.median(times[name][1:]) * 1e3:.2f} ms per step (median)")
+    torch.manual_seed(0)
+    theirs = Block(args.hidden, 4, nn.LayerNorm).to(device)
+    ours = lntune.torch.patch(copy.deepcopy(theirs))
+    data = torch.randn(args.batch, args.seq, args.hidden, device=device)
+    target_values = torch.sin(data.sum(-1))
+    runs = {"lntune": ours, "torch": theirs}
+    optims = {name: torch.optim.Adam(model.parameters(), lr=1e-3) for name, model in runs.items()}
+    times = {name: [] for name in runs}
+    print(f"device {device}, hidden {args.hidden}, {args.batch}x{args.seq} tokens")
+    for step in range(args.steps):
+        losses = {}
+        for name, model in runs.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            loss = nn.functional.mse_loss(model(data), target_values)
+            optims[name].zero_grad()
+            loss.backward()
+            optims[name].step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+            losses[name] = loss.item()
+        if step % 5 == 0 or step == args.steps - 1:
+            print(f"step {step:3d}  loss lntune {losses['lntune']:.4f}  torch {losses['torch']:.4f}")
+    for name in runs:
+        print(f"{name:>6}: {statistics.median(times[name][1:]) * 1e3:.2f} ms per step (median)")
 
 
 if __name__ == "__main__":

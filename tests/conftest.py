@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -21,3 +22,9 @@ def llvm_library(tmp_path_factory):
         warnings.simplefilter("ignore")
         export("llvm", HIDDEN, DTYPES, out, log=lambda *_: None)
     return load(out)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """lntune.torch's per-user cache in a folder of the test session's own, never the user's."""
+    os.environ["LNTUNE_CACHE"] = str(tmp_path_factory.mktemp("lntune-cache"))
