@@ -12,15 +12,13 @@ the second one loads what the first built.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import re
 import time
 from pathlib import Path
 
-from lntune import __version__
+from lntune import __version__, files
 
 LOG = logging.getLogger("lntune")
 _LOADED: dict[Path, object] = {}
@@ -43,18 +41,6 @@ def folder(target: str, device: str, hidden: int, spec: str) -> Path:
     return root() / build / f"n{hidden}-{_slug(spec.replace(':', '-'))}"
 
 
-@contextlib.contextmanager
-def _turn(path: Path):
-    """Hold the lock file `path` (created if missing) for the duration of the block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _loadable(where: Path):
     """The library in `where`, or None when there is none (or it is damaged: it is rebuilt)."""
     from lntune.runner import load
@@ -75,7 +61,9 @@ def library(target: str, device: str, hidden: int, spec: str):
     if lib is None:
         lib = _loadable(where)
     if lib is None:
-        with _turn(where.with_name(where.name + ".lock")):
+        where.parent.mkdir(parents=True, exist_ok=True)
+        # Not export's own lock (export takes that inside): this one spans the check and the build.
+        with files.locked(where.parent / f".{where.name}.build.lock"):
             lib = _loadable(where)  # another process may have built it while this one waited
             if lib is None:
                 lib = _build(target, device, hidden, spec, where)

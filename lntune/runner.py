@@ -21,15 +21,11 @@ from typing import Any
 import numpy as np
 import tvm
 
-try:  # TEMPORARY until lntune.files lands
-    from lntune import files
-except ImportError:
-    files = None
-
+from lntune import files
 from lntune.scalars import check_eps
 
-LIBRARY = "lntune.so"
-MANIFEST = "manifest.json"
+LIBRARY = files.LIBRARY
+MANIFEST = files.MANIFEST
 STATS_DTYPE = "float32"
 _DEVICE_BACKENDS = {"cuda": "libtvm_runtime_cuda.so", "rocm": "libtvm_runtime_rocm.so"}
 # The byte alignment the kernels assume of every tensor: the GPU kernels use 16-byte vector loads,
@@ -126,8 +122,7 @@ class Library:
         self.family = manifest["device"]
         _register_device_backend(self.family)
         self.module = tvm.runtime.load_module(str(directory / LIBRARY))
-        if files is not None and hasattr(files, "check_functions"):
-            files.check_functions(manifest, self.module, directory / MANIFEST)
+        files.check_functions(manifest, self.module, directory / MANIFEST)
         self.device = {"cpu": tvm.cpu, "cuda": tvm.cuda, "rocm": tvm.rocm}[self.family](0)
         self.alignment = ALIGNMENT[self.family]
         self.functions: dict[tuple[str, int, str, str], str] = {}
@@ -419,8 +414,4 @@ def load(path: str | Path) -> Library:
         directory = path
     if not (directory / MANIFEST).exists() or not (directory / LIBRARY).exists():
         raise FileNotFoundError(f"{directory} holds no {LIBRARY} + {MANIFEST} (run `lntune export` first)")
-    if files is not None and hasattr(files, "read_manifest"):
-        return Library(directory, files.read_manifest(directory))
-    import json
-
-    return Library(directory, json.loads((directory / MANIFEST).read_text()))
+    return Library(directory, files.read_manifest(directory))
