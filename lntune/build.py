@@ -151,10 +151,9 @@ def export(
                     }
                 )
     start = time.perf_counter()
-    lib = compile_module(mod, target)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    lib.export_library(str(out / LIBRARY))
+    from lntune import files  # here: the module head is shared
+
+    out = files.output_directory(out_dir)  # before compiling: a bad path costs nothing
     manifest = {
         "lntune_version": __version__,
         "tvm_version": tvm.__version__,
@@ -164,10 +163,27 @@ def export(
         "device_code": device_code_kind(target),
         "variants": variants,
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    with files.locked(files.lock_path(out), on_wait=lambda lock: log(f"waiting for another export into {out}")):
+        _publish_export(mod, target, out, manifest)
     tuned = sum(not v["schedule"].startswith("baseline") for v in variants)
     log(
         f"exported {len(variants)} kernels ({tuned} tuned, selected or transferred, {len(variants) - tuned} baseline) "
         f"for {target.name} to {out / LIBRARY} in {time.perf_counter() - start:.1f}s [{manifest['device_code']}]"
     )
     return manifest
+
+
+def _publish_export(mod: tvm.IRModule, target: TargetInfo, out: Path, manifest: dict) -> None:
+    """Compile `mod` and publish it with `manifest` (plus the library's size and sha256) as the
+    folder `out` in one step (lntune.files.staged_directory): killed at any moment, `out` holds the
+    previous export whole or the new one whole. Other files in `out` are kept. Hold its lock."""
+    from lntune import files
+
+    files.output_directory(out)  # again under the lock: another export may have changed it
+    files.clean_staging(out)
+    with files.staged_directory(out) as staging:
+        compile_module(mod, target).export_library(str(staging / LIBRARY))
+        manifest["library_bytes"] = (staging / LIBRARY).stat().st_size
+        manifest["library_sha256"] = files.file_digest(staging / LIBRARY)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        files.carry_other_files(out, staging)

@@ -8,7 +8,6 @@ library holding CUDA source, from ptxas when nvcc is on PATH (which also gives t
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import struct
@@ -16,7 +15,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from lntune.runner import LIBRARY, MANIFEST
+from lntune import files
+from lntune.files import LIBRARY
 
 _PTXAS_FUNCTION = re.compile(r"Compiling entry function '(\w+)'")
 _PTXAS_USAGE = re.compile(r"Used (\d+) registers")
@@ -175,8 +175,10 @@ def _cuda_source(blob: bytes) -> bytes | None:
 
 
 def inspect_library(path: Path) -> str:
-    directory = path.parent if path.suffix == ".so" else path
-    manifest = json.loads((directory / MANIFEST).read_text())
+    """The table `lntune inspect` prints. The export is checked first (files.read_manifest): a
+    missing or damaged one raises files.LibraryError, one line naming the file."""
+    directory = files.library_directory(path)
+    manifest = files.read_manifest(directory)
     resources: dict[str, dict[str, int]] = {}
     note = ""
     if manifest["device"] == "rocm":
@@ -188,19 +190,19 @@ def inspect_library(path: Path) -> str:
             resources = _readable_embedded_resources(blob)
             note = "(registers and stack from the embedded cubin; spills not shown)" if resources else "(cubin unread)"
         elif shutil.which("nvcc"):
-            resources = cuda_resources(source, manifest["target_spec"].get("arch", "sm_90"))
+            resources = cuda_resources(source, manifest.get("target_spec", {}).get("arch", "sm_90"))
         else:
             note = "(nvcc not found: registers not shown)"
     lines = [
-        f"{manifest['target']} library, device code: {manifest['device_code']} {note}".rstrip(),
+        f"{manifest['target']} library, device code: {manifest.get('device_code', '?')} {note}".rstrip(),
         f"{'kernel':<42} {'regs':>4} {'stack':>5} {'spill':>5}  schedule / knobs",
     ]
     for v in manifest["variants"]:
         r = resources.get(v["function"], {})
         regs, stack = r.get("registers", "-"), r.get("stack", "-")
         spill = r["spill_stores"] + r["spill_loads"] if "spill_stores" in r else "-"
-        source = v["schedule"].split(":")[0]
-        lines.append(f"{v['function']:<42} {regs:>4} {stack:>5} {spill:>5}  {source} {v['knobs']}")
+        source = v.get("schedule", "?").split(":")[0]
+        lines.append(f"{v['function']:<42} {regs:>4} {stack:>5} {spill:>5}  {source} {v.get('knobs', {})}")
     return "\n".join(lines)
 
 
@@ -209,7 +211,7 @@ def _rocm_table(directory: Path, manifest: dict) -> str:
 
     facts = isa.library_facts(directory / LIBRARY, manifest["target_spec"]["mcpu"])
     lines = [
-        f"{manifest['target']} library, device code: {manifest['device_code']}",
+        f"{manifest['target']} library, device code: {manifest.get('device_code', '?')}",
         f"{'kernel':<42} {'vgpr':>4} {'sgpr':>4} {'lds':>6} {'scratch':>7} {'spills':>6} {'x4 loads':>8} "
         f"{'waves/SIMD':>10} {'groups/CU':>9}  schedule",
     ]
@@ -220,6 +222,6 @@ def _rocm_table(directory: Path, manifest: dict) -> str:
             f"{v['function']:<42} {f.get('vgpr', '-'):>4} {f.get('sgpr', '-'):>4} {f.get('lds', '-'):>6} "
             f"{f.get('private', '-'):>7} {spills:>6} {f.get('dwordx4_loads', '-'):>8} "
             f"{f.get('waves_per_simd', '-'):>10} {f.get('groups_per_cu', '-'):>9}"
-            f"  {v['schedule'].split(':')[0]}"
+            f"  {v.get('schedule', '?').split(':')[0]}"
         )
     return "\n".join(lines)

@@ -64,17 +64,141 @@ class Record:
     structure: tuple[tuple[str, int], ...] = ()
 
 
-def _json_lines(path: Path):
+def _database_lines(path: Path) -> list[tuple[int, object]]:
+    """Every line of a MetaSchedule JSON file with its JSON value, numbered as MetaSchedule numbers
+    them; None for a line MetaSchedule could not read (blank, cut short, not UTF-8, or JSON that TVM's
+    parser rejects), with a warning naming file:line.
+
+    MetaSchedule (json_database.cc) reads a file with std::getline: every piece ending in "\\n" is a
+    line, and so is a last piece without one; a record names its workload by that workload's 0-based
+    position among the lines, blank or damaged ones included (MetaSchedule itself stops at those).
+    """
     if not path.exists():
-        return
-    with path.open() as f:
-        for number, text in enumerate(f, start=1):
+        return []
+    pieces = path.read_bytes().split(b"\n")
+    if pieces[-1] == b"":
+        pieces.pop()
+    parse = tvm_ffi.get_global_func("ffi.json.Parse")  # what MetaSchedule reads the line with
+    lines = []
+    for number, raw in enumerate(pieces, start=1):
+        try:
+            text = raw.decode()
             if not text.strip():
-                continue
-            try:
-                yield number, json.loads(text)
-            except json.JSONDecodeError as err:
-                warnings.warn(f"{path}:{number}: skipped a damaged line ({err.msg})", stacklevel=3)
+                raise ValueError("blank")
+            value = json.loads(text)
+            parse(text)
+        except Exception as err:  # noqa: BLE001 (UnicodeDecodeError, ValueError, or TVM's parser's error)
+            reason = err.msg if isinstance(err, json.JSONDecodeError) else str(err).splitlines()[0][:80]
+            warnings.warn(f"{path}:{number}: skipped a damaged line ({reason})", stacklevel=3)
+            value = None
+        lines.append((number, value))
+    return lines
+
+
+def _json_lines(path: Path):
+    """(line number, JSON value) of each readable line of a MetaSchedule JSON file."""
+    for number, value in _database_lines(path):
+        if value is not None:
+            yield number, value
+
+
+def _canonical(value) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _workload_arguments(entry) -> str | None:
+    """A workload line's arguments as its records list them (args_info: ["TENSOR", dtype, shape]
+    per buffer), canonical JSON; None when the line is no workload MetaSchedule can load."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(v, str) for v in entry)):
+        return None
+    try:
+        mod = ms.database.Workload.from_json(entry).mod
+        return _canonical([arg.as_json() for arg in ms.arg_info.ArgInfo.from_entry_func(mod)])
+    except Exception:  # noqa: BLE001 (TVM raises several kinds for a damaged module)
+        return None
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _record_shape_ok(entry) -> bool:
+    """[workload index, [trace, run_secs, ...]] with a trace of [instructions, decisions]."""
+    if not (isinstance(entry, list) and len(entry) == 2 and _is_index(entry[0])):
+        return False
+    body = entry[1]
+    if not (isinstance(body, list) and len(body) >= 2 and isinstance(body[0], list) and len(body[0]) == 2):
+        return False
+    return all(isinstance(part, list) for part in body[0])
+
+
+@dataclass(frozen=True)
+class Contents:
+    """What a tuning-log folder holds that can be used. workloads: index (the 0-based line position
+    records name them by) -> (line number, JSON, canonical arguments); records: (line number, JSON)
+    of each record that is well formed, names a usable workload and matches its arguments. dropped:
+    lines not used, of both files; clean: nothing dropped and both files end their last line."""
+
+    workloads: dict[int, tuple[int, list, str]]
+    records: list[tuple[int, list]]
+    dropped: int
+    clean: bool
+
+
+def read_contents(folder: Path) -> Contents:
+    """The usable lines of one tuning-log folder, each unusable one warned about with file:line.
+
+    A record is kept only if the arguments it was measured with (its args_info) are its workload's:
+    a record numbered for another kernel (a workload line lost or inserted before it) is dropped,
+    not used for the wrong kernel.
+    """
+    folder = Path(folder)
+    workload_lines, record_lines = _database_lines(folder / WORKLOADS), _database_lines(folder / RECORDS)
+    workloads = {}
+    for index, (number, entry) in enumerate(workload_lines):
+        arguments = None if entry is None else _workload_arguments(entry)
+        if entry is not None and arguments is None:
+            warnings.warn(f"{folder / WORKLOADS}:{number}: skipped a malformed workload and its records", stacklevel=2)
+        if arguments is not None:
+            workloads[index] = (number, entry, arguments)
+    records = []
+    for number, entry in record_lines:
+        if entry is None:
+            continue
+        why = _record_fault(entry, workloads, folder)
+        if why:
+            warnings.warn(f"{folder / RECORDS}:{number}: skipped {why}", stacklevel=2)
+            continue
+        records.append((number, entry))
+    dropped = len(workload_lines) - len(workloads) + len(record_lines) - len(records)
+    ended = all(not (folder / name).exists() or _ends_line(folder / name) for name in (WORKLOADS, RECORDS))
+    return Contents(workloads, records, dropped, dropped == 0 and ended)
+
+
+def _record_fault(entry, workloads: dict, folder: Path) -> str | None:
+    """Why a parsed record line cannot be used, or None."""
+    if not _record_shape_ok(entry):
+        return "a malformed tuning record"
+    index, body = entry
+    if index not in workloads:
+        return f"a record of workload {index}, which {folder / WORKLOADS} lacks or could not read"
+    args_info = body[3] if len(body) > 3 else None
+    if args_info is not None and _canonical(args_info) != workloads[index][2]:
+        line = workloads[index][0]
+        return f"a record whose arguments are not those of workload {index} ({WORKLOADS}:{line}): numbered for another"
+    return None
+
+
+def _ends_line(path: Path) -> bool:
+    """The file is empty or ends with a newline (MetaSchedule appends "line\\n" after it)."""
+    with path.open("rb") as f:
+        f.seek(0, 2)
+        if f.tell() == 0:
+            return True
+        f.seek(-1, 2)
+        return f.read(1) == b"\n"
 
 
 FAILED_SECONDS = 1e9  # MetaSchedule stores a failed build or run as 1e10 s
@@ -131,26 +255,21 @@ def _structure(trace_json) -> tuple[tuple[str, int], ...]:
 
 
 def read_records(folder: Path) -> dict[str, Record]:
-    """workload hash -> its fastest valid record, from one target's tuning-log folder."""
-    hashes = {}
-    for number, entry in _json_lines(folder / WORKLOADS):
-        try:
-            hashes[len(hashes)] = str(entry[0])
-        except (TypeError, IndexError, KeyError):
-            warnings.warn(f"{folder / WORKLOADS}:{number}: skipped a malformed workload", stacklevel=2)
-            hashes[len(hashes)] = None
+    """workload hash -> its fastest valid record, from one target's tuning-log folder (read_contents:
+    unusable lines are skipped with a warning naming file:line)."""
+    contents = read_contents(Path(folder))
     best: dict[str, Record] = {}
-    for number, entry in _json_lines(folder / RECORDS):
+    for number, (index, (trace_json, run_secs, *_rest)) in contents.records:
         try:
-            index, (trace_json, run_secs, *_rest) = entry
             seconds = measured_seconds(run_secs)
-            record = Record(hashes[int(index)], _decisions(trace_json), seconds, number, _structure(trace_json))
+            workload_hash = str(contents.workloads[index][1][0])
+            record = Record(workload_hash, _decisions(trace_json), seconds, number, _structure(trace_json))
         except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError):
             warnings.warn(f"{folder / RECORDS}:{number}: skipped a malformed tuning record", stacklevel=2)
             continue
         if seconds is None:  # a candidate that failed to build or run is no schedule to use
             continue
-        if record.workload_hash and (record.workload_hash not in best or seconds < best[record.workload_hash].seconds):
+        if record.workload_hash not in best or seconds < best[record.workload_hash].seconds:
             best[record.workload_hash] = record
     return best
 

@@ -7,19 +7,21 @@ import fcntl
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
+from lntune import files
 from schedules import spaces
 from schedules.database import (
     RECORDS,
     TUNING_LOGS,
     WORKLOADS,
-    _json_lines,
     choose,
     measured_seconds,
+    read_contents,
     read_records,
     tune_rows,
     workload,
@@ -92,7 +94,12 @@ def tune(
     runner: ms.runner.Runner | str = "local",
     seed: int | None = None,
 ) -> Path:
-    """Tune `kernels`, appending to (and resuming from) the JSON database in `log_dir`."""
+    """Tune `kernels`, appending to (and resuming from) the JSON database in `log_dir`; a database a
+    crash or damage left unreadable is repaired first (`open_database`)."""
+    if not kernels:
+        raise ValueError("no kernels to tune")
+    if isinstance(trials_per_kernel, bool) or not isinstance(trials_per_kernel, int) or trials_per_kernel < 1:
+        raise ValueError(f"trials per kernel must be a positive integer, got {trials_per_kernel!r}")
     log_dir = Path(log_dir or TUNING_LOGS / target.name)
     log_dir.mkdir(parents=True, exist_ok=True)
     with exclusive(log_dir):
@@ -118,7 +125,7 @@ def exclusive(log_dir: Path):
 
 
 def _tune(kernels, target, trials_per_kernel, log_dir, workers, builder_timeout, runner, seed) -> None:
-    database = ms.database.JSONDatabase(work_dir=str(log_dir), module_equality="structural")
+    database = open_database(log_dir)
     tasks = [tune_context(k, target, seed) for k in kernels]
     per_iter = min(32, trials_per_kernel)
     builder = ms.builder.LocalBuilder(max_workers=workers, timeout_sec=builder_timeout)
@@ -175,28 +182,133 @@ def prune(log_dir: Path, keep: int = 3, live: set[str] | None = None) -> tuple[i
 
     Export needs the best record; a few more keep a resumed search seeded. With `live` (workload
     hashes), workloads outside it are dropped too: records of an older definition of a kernel
-    match nothing once its TE changes. Returns (records before, after). Damaged lines are dropped
-    (with the reader's warning).
+    match nothing once its TE changes. Returns (record lines before, records after). Damaged lines,
+    and records that do not match their workload, are dropped (with read_contents' warnings).
+    Call it holding `exclusive(log_dir)`.
     """
     log_dir = Path(log_dir)
-    workloads = [entry for _, entry in _json_lines(log_dir / WORKLOADS)]
-    by_workload: dict[int, list] = {}
-    before = 0
-    for _, entry in _json_lines(log_dir / RECORDS):
-        before += 1
+    _finish_rewrite(log_dir)
+    contents = read_contents(log_dir)
+    before = _line_count(log_dir / RECORDS)
+    timed: dict[int, list[tuple[float, list]]] = {}
+    for _, entry in contents.records:
         try:
-            index, (_trace, run_secs, *_rest) = entry
-            seconds = measured_seconds(run_secs)
+            seconds = measured_seconds(entry[1][1])
         except (TypeError, ValueError, ZeroDivisionError):
             continue
         if seconds is not None:
-            by_workload.setdefault(int(index), []).append((seconds, entry))
-    used = sorted(i for i in by_workload if live is None or str(workloads[i][0]) in live)
-    new_index = {old: new for new, old in enumerate(used)}
-    lines = []
-    for old in used:
-        for _, entry in sorted(by_workload[old], key=lambda item: item[0])[:keep]:
-            lines.append(json.dumps([new_index[old], entry[1]]))
-    (log_dir / WORKLOADS).write_text("".join(json.dumps(workloads[i]) + "\n" for i in used))
-    (log_dir / RECORDS).write_text("".join(line + "\n" for line in lines))
-    return before, len(lines)
+            timed.setdefault(entry[0], []).append((seconds, entry))
+    kept = [
+        entry
+        for index in sorted(timed)
+        if live is None or str(contents.workloads[index][1][0]) in live
+        for _, entry in sorted(timed[index], key=lambda item: item[0])[:keep]
+    ]
+    used = sorted({entry[0] for entry in kept})
+    _rewrite(log_dir, [contents.workloads[i][1] for i in used], kept, {old: new for new, old in enumerate(used)})
+    return before, len(kept)
+
+
+def repair(log_dir: Path, replay: bool = False) -> int:
+    """Make a tuning database MetaSchedule can open again after a crash or damage, before it does.
+
+    MetaSchedule reads every line and stops at the first it cannot parse (a line cut short by a
+    crash mid-append) without naming the file. So: an interrupted rewrite is finished; lines that
+    cannot be used are dropped, each warned about with file:line (read_contents: damaged, or a
+    record numbered for another kernel), with the records of a dropped workload; once anything is
+    wrong (or with `replay`), so are records MetaSchedule cannot replay (valid JSON, but a damaged
+    instruction, say); repeated workloads are merged; the rest is renumbered and both files are
+    rewritten together (`_rewrite`). Returns the lines dropped or merged away. Hold `exclusive(log_dir)`.
+    """
+    log_dir = Path(log_dir)
+    _finish_rewrite(log_dir)
+    contents = read_contents(log_dir)
+    records = [entry for _, entry in contents.records]
+    if replay or not contents.clean:  # replaying costs ~1-10 ms a record: only when something is wrong
+        records = _replayable(log_dir, contents)
+    first_of: dict[str, int] = {}  # a repeated workload's records go to its first line
+    for index, (_, entry, _) in contents.workloads.items():
+        first_of.setdefault(entry[0], index)
+    merged = len(contents.workloads) - len(first_of)
+    dropped = contents.dropped + len(contents.records) - len(records) + merged
+    if dropped == 0 and contents.clean:
+        return 0
+    used = sorted(first_of.values())
+    position = {old: new for new, old in enumerate(used)}
+    new_index = {old: position[first_of[entry[0]]] for old, (_, entry, _) in contents.workloads.items()}
+    _rewrite(log_dir, [contents.workloads[i][1] for i in used], records, new_index)
+    warnings.warn(f"{log_dir}: repaired the tuning database ({dropped} lines dropped)", stacklevel=2)
+    return dropped
+
+
+def open_database(log_dir: Path) -> ms.database.JSONDatabase:
+    """MetaSchedule's JSON database in `log_dir`, repaired first (`repair`). Where it still fails to
+    open (a record MetaSchedule cannot replay in a database that looked whole), every record is
+    replayed, those that fail are dropped, and it is opened again. Call it holding `exclusive`."""
+    repair(log_dir)
+    try:
+        return ms.database.JSONDatabase(work_dir=str(log_dir), module_equality="structural")
+    except Exception as err:  # noqa: BLE001 (TVM raises ValueError, RuntimeError or InternalError)
+        if not repair(log_dir, replay=True):
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise RuntimeError(f"MetaSchedule cannot open the tuning database in {log_dir}: {first}") from None
+    return ms.database.JSONDatabase(work_dir=str(log_dir), module_equality="structural")
+
+
+def _replayable(log_dir: Path, contents) -> list:
+    """The records of `contents` that MetaSchedule's TuningRecord.from_json accepts; the others are
+    warned about with file:line."""
+    loaded = {i: ms.database.Workload.from_json(entry) for i, (_, entry, _) in contents.workloads.items()}
+    kept = []
+    for number, entry in contents.records:
+        try:
+            ms.database.TuningRecord.from_json(entry[1], loaded[entry[0]])
+        except Exception as err:  # noqa: BLE001 (any failure to replay means MetaSchedule fails too)
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[-1][:100]
+            message = f"{log_dir / RECORDS}:{number}: skipped a record MetaSchedule cannot replay ({reason})"
+            warnings.warn(message, stacklevel=3)
+            continue
+        kept.append(entry)
+    return kept
+
+
+# A rewrite of the two files commits at this mark: written once both new files are complete, removed
+# once both replaced the old. Renaming two files is not one step; a crash between them would pair
+# new workloads with old records, numbered for others.
+REWRITE_MARK = "rewrite.pending"
+NEW_SUFFIX = ".new"
+
+
+def _rewrite(log_dir: Path, workloads: list, records: list, new_index: dict[int, int]) -> None:
+    """Replace both files of a database together: `workloads` in order, and `records` with their
+    workload index renumbered by `new_index`."""
+    texts = {
+        WORKLOADS: "".join(json.dumps(w) + "\n" for w in workloads),
+        RECORDS: "".join(json.dumps([new_index[index], body]) + "\n" for index, body in records),
+    }
+    for name, text in texts.items():
+        files.write_text_atomic(log_dir / (name + NEW_SUFFIX), text)
+    files.write_text_atomic(log_dir / REWRITE_MARK, "".join(name + "\n" for name in texts))
+    _finish_rewrite(log_dir)
+
+
+def _finish_rewrite(log_dir: Path) -> None:
+    """Complete a committed rewrite that a crash interrupted, or discard one that never committed."""
+    mark = log_dir / REWRITE_MARK
+    for name in (WORKLOADS, RECORDS):
+        new = log_dir / (name + NEW_SUFFIX)
+        if mark.exists() and new.exists():
+            os.replace(new, log_dir / name)
+        elif new.exists():
+            new.unlink()
+    if mark.exists():
+        files.fsync_directory(log_dir)
+        mark.unlink()
+
+
+def _line_count(path: Path) -> int:
+    """Lines as MetaSchedule counts them (a last one without a newline too)."""
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    return data.count(b"\n") + (not data.endswith(b"\n") and bool(data))
