@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         return stop.code if isinstance(stop.code, int) else 0
     try:
         validate(args)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         print(f"lntune {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     try:

@@ -230,22 +230,28 @@ def clean_staging(target: Path) -> list[Path]:
 def output_directory(path: str | os.PathLike) -> Path:
     """An export destination, checked before any work: `~` expanded, made absolute (symlinks
     resolved), and a folder that can be created or replaced as a whole. Raises ValueError naming the
-    path: empty, a file in the way, a path under a file, a parent that cannot be written, a folder
-    holding other folders, or the current directory."""
+    path: empty, a file in the way, a path under a file, a parent that cannot be written, a mount
+    point, a folder holding other folders, or the current directory."""
     text = os.fspath(path)
     if not str(text).strip():
         raise ValueError(f"the output folder must be a non-empty path, got {text!r}")
-    out = Path(os.path.expanduser(text)).resolve()
+    try:
+        return _checked_output(Path(os.path.expanduser(text)).resolve())
+    except (OSError, RuntimeError) as err:  # a folder on the way that cannot be read, a symlink loop
+        raise ValueError(f"output folder {text}: {getattr(err, 'strerror', None) or err}") from None
+
+
+def _checked_output(out: Path) -> Path:
     if out.exists() and not out.is_dir():
         raise ValueError(f"output folder {out} is a file; give a folder (new or a previous export)")
+    if out == out.parent or os.path.ismount(out):
+        raise ValueError(f"output folder {out} is a mount point; export replaces its folder whole: give one inside")
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
         raise ValueError(f"output folder {out} cannot be created: {existing} is a file")
     writable = existing if existing != out else out.parent
     if not os.access(writable, os.W_OK | os.X_OK):
         raise ValueError(f"output folder {out} cannot be written: no write permission in {writable}")
-    if out == out.parent:
-        raise ValueError(f"output folder {out} is the file system's root; give a folder of its own")
     if out.is_dir():
         if out == Path.cwd().resolve():
             raise ValueError(f"output folder {out} is the current directory; export replaces its folder whole")
@@ -267,7 +273,10 @@ def carry_other_files(old: Path, staging: Path) -> list[str]:
     for entry in os.scandir(old):
         if entry.name in EXPORT_FILES or entry.is_dir(follow_symlinks=False):
             continue
-        os.link(entry.path, Path(staging) / entry.name, follow_symlinks=False)
+        try:
+            os.link(entry.path, Path(staging) / entry.name, follow_symlinks=False)
+        except OSError:  # a file system without hard links, or another user's file (protected_hardlinks)
+            shutil.copy2(entry.path, Path(staging) / entry.name, follow_symlinks=False)
         names.append(entry.name)
     return names
 

@@ -213,6 +213,7 @@ def test_output_folders_are_checked_before_compiling(tmp_path, monkeypatch):
         str(tmp_path / "file" / "lib"): f"{tmp_path / 'file'} is a file",
         str(tmp_path / "nested"): "holds folders (folder)",
         ".": "current directory",
+        "/": "is a mount point",
     }
     for path, message in cases.items():
         with pytest.raises(ValueError, match=re.escape(message)):
