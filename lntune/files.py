@@ -12,6 +12,7 @@ loaded (a library cut short would kill the process with SIGBUS when dlopen maps 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import errno
@@ -431,6 +432,30 @@ def check_elf(path: Path) -> None:
                     ends.append(offset + filesz)
     if max(ends) > size:
         raise _fail(path, f"is cut short: its ELF headers reach byte {max(ends)}, the file has {size}")
+
+
+# dlopen returns the library a process already has open under the same path, whatever the file at that
+# path is now: in one process, an export loaded, exported again and loaded again runs the old code.
+_OPENED: dict[str, tuple[int, ...]] = {}  # path -> the version of the file first opened there
+_COPIES: list[str] = []
+
+
+def loadable_path(library: Path) -> str:
+    """The path to dlopen `library` by in this process: its own, unless this process opened another
+    file under that path before (an earlier export at the same place); then a private copy of this
+    one (removed at exit), so the current library is what loads."""
+    path = str(Path(library).resolve())
+    info = os.stat(path)
+    version = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)  # an inode number is reused
+    if _OPENED.setdefault(path, version) == version:
+        return path
+    if not _COPIES:
+        _COPIES.append(tempfile.mkdtemp(prefix="lntune-libraries-"))
+        atexit.register(shutil.rmtree, _COPIES[0], True)
+    copy = Path(_COPIES[0]) / ("-".join(map(str, version)) + "-" + Path(path).name)
+    if not copy.exists():
+        shutil.copyfile(path, copy)
+    return str(copy)
 
 
 def check_functions(manifest: dict, module: Any, path: Path) -> None:

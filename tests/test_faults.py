@@ -475,3 +475,18 @@ def test_manifest_defaults_param_dtype_and_names_a_missing_function(previous_exp
     COUNTS.update(faults=1, runs=1)
     with pytest.raises(files.LibraryError, match="lacks lntune_backward_float32_n9"):
         lntune.load(folder)
+
+
+def test_a_library_exported_again_at_the_same_place_loads_anew_in_one_process(previous_export, tmp_path):
+    """dlopen hands back what the process already has open under a path; loadable_path gives the
+    library exported there since a private path, so its new functions are found."""
+    out = tmp_path / "lib"
+    shutil.copytree(previous_export, out)
+    first = tvm.runtime.load_module(files.loadable_path(out / files.LIBRARY))
+    assert first.implements_function("lntune_forward_float32_n8")
+    export("llvm", [16], ["float32"], out, log=lambda *_: None)
+    stale = tvm.runtime.load_module(str((out / files.LIBRARY).resolve()))
+    assert not stale.implements_function("lntune_forward_float32_n16")  # why loadable_path exists
+    fresh = tvm.runtime.load_module(files.loadable_path(out / files.LIBRARY))
+    assert fresh.implements_function("lntune_forward_float32_n16")
+    assert files.loadable_path(out / files.LIBRARY) == files.loadable_path(out / files.LIBRARY)  # one copy
