@@ -98,3 +98,28 @@ def test_rounds_go_in_turn_and_each_step_keeps_its_least(monkeypatch):
     best = step_bench.least_of_rounds(measure, {"a": lambda: "a", "b": lambda: "b"})
     assert best == {"a": 1.1, "b": 1.0}
     assert calls == ["a", "b"] * step_bench.ROUNDS
+
+
+def test_cell_rows_count_bytes_ratios_and_which_side_set_the_pace():
+    """bytes = 5·M·N·itemsize + 5·N·param itemsize + 16·M; ratios against torch and the fastest peer; the
+    host time is marked bounded only where the device step is about as slow as the host or slower."""
+    meta = {"device": "stand-in", "date": "2026-12-05", "torch": "x", "device_kind": "cuda"}
+    errors = dict.fromkeys(("y", "dx", "dweight", "dbias"), 1e-3)
+    timed = {
+        "torch": {"step": 0.4, "host": 0.2, "unqueued": False, "errors": errors},  # device-bound
+        "liger": {"step": 0.2, "host": 0.8, "unqueued": False, "errors": errors},  # host-bound
+        "lntune": {"step": 0.1, "host": 0.9, "unqueued": True, "errors": errors},
+    }
+    names = ["torch", "torch-compile", "liger", "lntune"]
+    missing = {"torch-compile": "RuntimeError: stand-in"}
+    rows = step_bench._cell_rows(meta, "bf16-fp32params", 1024, 256, names, timed, missing, 1000.0, 50 * 2**20)
+    got = {r["impl"]: r for r in rows}
+    assert [r["impl"] for r in rows] == names
+    assert all(r["bytes"] == 5 * 1024 * 256 * 2 + 5 * 256 * 4 + 16 * 1024 for r in rows)
+    assert got["torch"]["host_bounded"] and not got["liger"]["host_bounded"] and not got["lntune"]["host_bounded"]
+    assert got["lntune"]["vs_torch"] == 4.0 and got["lntune"]["over_best_peer"] == 2.0
+    assert got["lntune"]["step_unqueued"] and got["lntune"]["fraction_of_copy"] == pytest.approx(
+        rows[0]["bytes"] / 0.1 / 1e6 / 1000.0, rel=1e-3
+    )
+    assert got["torch-compile"]["missing"] == "RuntimeError: stand-in" and "step_us" not in got["torch-compile"]
+    assert "over_best_peer" not in got["liger"]
