@@ -4,15 +4,17 @@
 # gradients (bench/torch_check.py), then benchmark. Results go to $OUT.
 # Run after `. .devbundle/b/env.sh` (a fresh host; bench/device_bundle.sh says how TVM gets there)
 # or `. /tmp/tvm_site/env.sh` (a warm one).
-#   usage: bash bench/gpu_job.sh [export|bench ARGS...|reliability]
+#   usage: bash bench/gpu_job.sh [export|bench ARGS...|step ARGS...|reliability]
 #     export            export + check + runtime-only load into $LIB
+#     step ARGS...      `lntune bench --step` (module forward+backward against torch, torch.compile,
+#                       Liger) on the library in $LIB, results in $OUT
 #     bench ARGS...     export + check, then `lntune bench $LIB ARGS...` (always a fresh export, so the
 #                       library benchmarked is the one today's tuning_logs give)
 #     reliability       bench/reliability_gpu.py: 2**31 elements, determinism across processes, int32
 #                       vs int64 indexing
 set -euo pipefail
 HIDDEN=${HIDDEN:-768,1024,2048,4096,5120,8192,16384}
-DTYPES=${DTYPES:-float32,bfloat16,float16}
+DTYPES=${DTYPES:-float32,bfloat16,float16,bfloat16:float32,float16:float32}
 OUT=${OUT:-/tmp/lntune-out}
 LIB=${LIB:-/tmp/lntune-lib}
 mkdir -p "$OUT"
@@ -30,7 +32,7 @@ t0 = time.time()
 import torch, tvm, lntune
 assert tvm.base._RUNTIME_ONLY, "expected the runtime-only TVM"
 lib = lntune.load(sys.argv[1])
-n, dt = lib.variants[0]
+n, dt, _ = lib.variants[0]
 x = torch.randn(4099, n, device="cuda").to(getattr(torch, dt)) + 3
 g, b = torch.ones(n, device="cuda", dtype=x.dtype), torch.zeros(n, device="cuda", dtype=x.dtype)
 y, mean, rstd = lib.forward(x, g, b)
@@ -40,7 +42,8 @@ print(f"runtime-only load+forward+backward ok on {y.device}: N={n} {dt} max|y-re
       f"({time.time() - t0:.1f}s incl. import)")
 PY
   # lntune.torch's autograd path on CUDA (side stream) against float64, also runtime-only.
-  TVM_USE_RUNTIME_LIB=1 python3 bench/torch_check.py "$LIB" 2>&1 | grep -v Warning | tee -a "$OUT/check.txt"
+  TVM_USE_RUNTIME_LIB=1 python3 bench/torch_check.py "$LIB" --hidden "${HIDDEN%%,*}" 2>&1 | grep -v Warning \
+    | tee -a "$OUT/check.txt"
 }
 
 case "${1:-export}" in
@@ -50,5 +53,8 @@ case "${1:-export}" in
     rm -rf "$LIB"
     export_and_check
     python3 -m lntune bench "$LIB" --out "$OUT" "$@" 2>&1 | grep -v Warning ;;
+  step)
+    shift
+    python3 -m lntune bench --step "$LIB" --out "$OUT" "$@" 2>&1 | grep -v Warning ;;
   reliability) python3 bench/reliability_gpu.py "$OUT" 2>&1 | grep -v Warning ;;
 esac
