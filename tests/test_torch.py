@@ -274,3 +274,52 @@ def test_two_processes_building_one_variant_share_the_cache(tmp_path):
     assert sum("lntune: built" in err for _, err in outs) == 1
     assert len(list(tmp_path.glob("*/n40-float32/lntune.so"))) == 1
     assert not list(tmp_path.glob("*/*.tmp*"))  # no half-written folder left behind
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_input_with_float32_parameters(dtype):
+    """AMP / master weights: y and dx in x's dtype, dweight and dbias in float32, from one mixed
+    kernel each (the cache exports the bfloat16:float32 variant), against float64."""
+    hidden = 200
+    module = LayerNorm(hidden)  # float32 parameters
+    with torch.no_grad():
+        module.weight.normal_(1.0, 0.5)
+        module.bias.normal_()
+    x = (torch.randn(37, hidden) * 2 + 5).to(dtype).requires_grad_()
+    dy = torch.randn(37, hidden).to(dtype)
+    y = module(x)
+    gx, gw, gb = torch.autograd.grad(y, (x, module.weight, module.bias), dy)
+    want = _reference(x, module.weight, module.bias, 1e-5, dy)
+    assert (y.dtype, gx.dtype, gw.dtype, gb.dtype) == (dtype, dtype, torch.float32, torch.float32)
+    assert _rel(y, want[0]) < TOLERANCE[dtype] and _rel(gx, want[1]) < TOLERANCE[dtype]
+    # dy is exact in float32 and the sums accumulate in float32: float32 accuracy for the parameters.
+    assert _rel(gw, want[2]) < 3e-5 and _rel(gb, want[3]) < 3e-5
+    assert lt.library_for("cpu", hidden, dtype, torch.float32).has_variant(hidden, str(dtype)[6:], "float32")
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_on_cpu_gives_what_torch_gives(x_dtype):
+    """Under CPU autocast torch leaves layer_norm alone (fp32 stays fp32, bf16 with fp32 weights
+    stays bf16); lntune's module gives the same dtype and values within the dtype's tolerance."""
+    ours, theirs = LayerNorm(96), torch.nn.LayerNorm(96)
+    with torch.no_grad():
+        ours.weight.normal_()
+        theirs.load_state_dict(ours.state_dict())
+    x = (torch.randn(8, 96) + 1).to(x_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, want = ours(x), theirs(x)
+        linear_then_norm = ours(torch.nn.Linear(96, 96)(x.float()))  # autocast makes the Linear bf16
+    assert y.dtype == want.dtype == x_dtype
+    assert _rel(y, want) < TOLERANCE[x_dtype]
+    assert linear_then_norm.dtype == torch.bfloat16
+
+
+def test_mixed_dtypes_lntune_has_no_kernel_for_fall_back_or_raise(llvm_library):
+    x, w = torch.randn(4, 128), torch.randn(128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="float32 input with bfloat16 parameters"):
+        layer_norm(x, 128, w, None, library=llvm_library)
+    with pytest.raises(ValueError, match="float64"):
+        layer_norm(x.double(), 128, library=llvm_library)
+    with pytest.warns(UserWarning, match="using torch's layer_norm"):
+        y = layer_norm(x.double(), 128, library=llvm_library, fallback=True)
+    assert y.dtype == torch.float64
