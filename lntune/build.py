@@ -16,7 +16,7 @@ import tvm
 from lntune import __version__, toolchain
 from schedules import database, pipeline
 from schedules.targets import TargetInfo, get_target
-from te_ops.layer_norm import DTYPES, Kernel
+from te_ops.layer_norm import DTYPE_SPECS, Kernel, parse_dtype_spec
 
 LIBRARY = "lntune.so"
 MANIFEST = "manifest.json"
@@ -84,30 +84,41 @@ def kernel_source(kernel: Kernel, target: TargetInfo, knobs: dict | None = None)
 
 
 def kernels_for(
-    hidden: int, dtype: str, target: TargetInfo, parts: int | None = None, granule: int | None = None
+    hidden: int,
+    dtype: str,
+    target: TargetInfo,
+    parts: int | None = None,
+    granule: int | None = None,
+    param_dtype: str | None = None,
 ) -> list[Kernel]:
-    """The four kernels of one (hidden, dtype) variant; P and the backward's chunk granule as
-    `lntune select --parts` chose them (the committed selection.json) unless given."""
+    """The four kernels of one (hidden, dtype, param_dtype) variant; P and the backward's chunk
+    granule as `lntune select --parts` chose them for the activations' dtype (the committed
+    selection.json) unless given. A mixed variant's forward_stats (no parameters) is the plain one."""
     if parts is None or granule is None:
         selected_parts, selected_granule = database.selected_chunking(target, hidden, dtype)
         parts = selected_parts if parts is None else parts
         granule = selected_granule if granule is None else granule
     return [
-        Kernel("forward", hidden, dtype),
+        Kernel("forward", hidden, dtype, param_dtype=param_dtype),
         Kernel("forward_stats", hidden, dtype),
-        Kernel("backward", hidden, dtype, parts, granule),
-        Kernel("backward_sum", hidden, dtype, parts),
+        Kernel("backward", hidden, dtype, parts, granule, param_dtype=param_dtype),
+        Kernel("backward_sum", hidden, dtype, parts, param_dtype=param_dtype),
     ]
 
 
-def _check_request(hidden: Iterable[int], dtypes: Iterable[str]) -> tuple[list[int], list[str]]:
+def _check_request(hidden: Iterable[int], dtypes: Iterable[str]) -> tuple[list[int], list[tuple[str, str | None]]]:
+    """Sorted distinct hidden sizes and the (dtype, param_dtype) of each dtype spec, in order
+    ("bfloat16:float32": bfloat16 activations, float32 parameters; te_ops.parse_dtype_spec)."""
     hidden, dtypes = sorted(set(int(h) for h in hidden)), list(dict.fromkeys(dtypes))
     if not hidden or any(h < 1 for h in hidden):
         raise ValueError(f"hidden must be a non-empty list of positive sizes, got {hidden}")
-    bad = [d for d in dtypes if d not in DTYPES]
+    bad = [d for d in dtypes if not isinstance(d, str) or d.strip() not in DTYPE_SPECS]
     if not dtypes or bad:
-        raise ValueError(f"dtype must be a non-empty list drawn from {DTYPES}, got {dtypes}")
-    return hidden, dtypes
+        raise ValueError(
+            f"dtype must be a non-empty list drawn from {DTYPE_SPECS} (activations:parameters for float32 "
+            f"parameters beside 16-bit activations), got {dtypes}"
+        )
+    return hidden, list(dict.fromkeys(parse_dtype_spec(d) for d in dtypes))
 
 
 def device_code_kind(target: TargetInfo) -> str:
@@ -131,18 +142,22 @@ def export(
         toolchain.prepare_rocm()
     folder = Path(logs_dir or database.TUNING_LOGS) / target.name
     records, selection = database.read_records(folder), database.read_selection(folder)
-    mod, variants = tvm.IRModule(), []
+    mod, variants, choices = tvm.IRModule(), [], {}
     for n in hidden:
-        for dtype in dtypes:
+        for dtype, param_dtype in dtypes:
             chunking = database.selected_chunking(target, n, dtype, selection)
-            for kernel in kernels_for(n, dtype, target, *chunking):
-                choice = database.choose(kernel, target, records, selection)
-                mod[kernel.name] = database.scheduled(kernel, target, choice.knobs)
+            for kernel in kernels_for(n, dtype, target, *chunking, param_dtype=param_dtype):
+                # A mixed variant shares its forward_stats with the plain one: built once, listed for both.
+                if kernel.name not in choices:
+                    choices[kernel.name] = database.choose(kernel, target, records, selection)
+                    mod[kernel.name] = database.scheduled(kernel, target, choices[kernel.name].knobs)
+                choice = choices[kernel.name]
                 variants.append(
                     {
                         "op": kernel.op,
                         "hidden": n,
                         "dtype": dtype,
+                        "param_dtype": param_dtype or dtype,
                         "parts": kernel.parts,
                         "granule": kernel.granule,
                         "function": kernel.name,

@@ -34,14 +34,16 @@ def tune_rows(kernel: Kernel, target: TargetInfo) -> int:
     return max(1, TUNE_ELEMENTS["gpu" if target.is_gpu else "cpu"] // kernel.hidden)
 
 
-def workload(kernel: Kernel, target: TargetInfo) -> tvm.IRModule:
+def workload(kernel: Kernel, target: TargetInfo, legacy: bool = False) -> tvm.IRModule:
     """The IRModule MetaSchedule tunes and measures for `kernel` (M fixed to tune_rows).
 
     The backward's stages are inlined and the result simplified (crow[i, 0] becomes c1[i] / N
     again): the tuning spaces do not stage rows, and the workload (and its hash, which tuned
-    records are found by) stays what it was before the stages existed.
+    records are found by) stays what it was before the stages existed. `legacy`: a forward with
+    its statistics as they were before the exact ones (Kernel.has_legacy_workload), only to find
+    records tuned then; it is never tuned or built again.
     """
-    func = kernel.prim_func(rows=tune_rows(kernel, target), eps=TUNE_EPS)
+    func = kernel.prim_func(rows=tune_rows(kernel, target), eps=TUNE_EPS, legacy=legacy)
     if kernel.op == "backward":
         sch = tvm.s_tir.Schedule(func)
         spaces.inline_stages(sch)
@@ -49,8 +51,22 @@ def workload(kernel: Kernel, target: TargetInfo) -> tvm.IRModule:
     return tvm.IRModule({"main": func})
 
 
-def workload_hash(kernel: Kernel, target: TargetInfo) -> str:
-    return str(tvm_ffi.structural_hash(workload(kernel, target)) % (1 << 64))
+def workload_hash(kernel: Kernel, target: TargetInfo, legacy: bool = False) -> str:
+    return str(tvm_ffi.structural_hash(workload(kernel, target, legacy)) % (1 << 64))
+
+
+def workload_hashes(kernel: Kernel, target: TargetInfo) -> list[str]:
+    """The hashes a kernel's tuned records may be found by, in order: its workload's, then (plain
+    forward and forward_stats) its workload's before the exact statistics, whose records keep
+    their knobs: the schedule and its knobs are the same, one reduction more a row. `lntune
+    prune` should keep both."""
+    legacy = [workload_hash(kernel, target, legacy=True)] if kernel.has_legacy_workload else []
+    return [workload_hash(kernel, target)] + legacy
+
+
+def find_record(records: dict[str, Record], kernel: Kernel, target: TargetInfo) -> Record | None:
+    """The best record of `kernel` under any of its workload_hashes (the first that has one)."""
+    return next((records[h] for h in workload_hashes(kernel, target) if h in records), None)
 
 
 @dataclass(frozen=True)
@@ -386,6 +402,8 @@ def choose(
         records = read_records(TUNING_LOGS / target.name)
     if selection is None:
         selection = read_selection(TUNING_LOGS / target.name)
+    if kernel.param_dtype is not None:
+        return _from_same_activations(kernel, target, records, selection)
     verdict = selection.get(kernel.name, {})
     if verdict.get("choice") == "baseline":
         return Choice(baseline_knobs(kernel, target), f"baseline (selected: {_timings(verdict)})")
@@ -395,7 +413,7 @@ def choose(
             return Choice(knobs, f"selected:{verdict.get('label', 'variant')} ({_timings(verdict)})")
         warnings.warn(f"{kernel.name}: selected variant does not fit the design space; not used", stacklevel=2)
     sources = _record_sources(kernel, target) if records else []
-    found = ((records.get(workload_hash(k, target)), label) for k, label in sources)  # lazily: hashing costs
+    found = ((find_record(records, k, target), label) for k, label in sources)  # lazily: hashing costs
     record, prefix = next(((r, label) for r, label in found if r is not None), (None, "tuned"))
     if record is None and target.family == "rocm":
         return _from_cuda(kernel, target)
@@ -409,6 +427,22 @@ def choose(
         )
         return Choice(baseline_knobs(kernel, target), "baseline")
     return Choice(knobs, f"{prefix}:{record.workload_hash}:line{record.line}:{record.seconds * 1e6:.1f}us")
+
+
+def _from_same_activations(kernel: Kernel, target: TargetInfo, records: dict, selection: dict) -> Choice:
+    """A mixed-precision kernel (float32 gamma beside 16-bit rows) has no records or selections of
+    its own: it takes the choice of the kernel with the same activations and parameters of their
+    dtype (same vector width, thread candidates, P and granule), if those knobs fit its space.
+    Untimed: fp32 gamma held in registers costs a 16-bit twin's knobs a few more registers."""
+    twin = replace(kernel, param_dtype=None)
+    chosen = choose(twin, target, records, selection)
+    if chosen.source == "baseline":
+        return Choice(baseline_knobs(kernel, target), "baseline")
+    knobs = exact_knobs(kernel, target, chosen.knobs)
+    if knobs is None:
+        warnings.warn(f"{kernel.name}: {twin.name}'s knobs do not fit its space; using the baseline", stacklevel=3)
+        return Choice(baseline_knobs(kernel, target), "baseline")
+    return Choice(knobs, f"transfer:{twin.dtype}-params:{chosen.source}")
 
 
 CUDA_SOURCE_OF_ROCM = "cuda-sm90"

@@ -44,6 +44,8 @@ REGISTERS_PER_SM = 65536  # every CUDA GPU since sm_50
 CPU_VECTOR_BYTES = 32
 CLUSTER = (0, cluster.SIZE)  # blocks a backward row is split over (0: one block, no cluster)
 CLUSTER_MIN_HIDDEN = 8192  # where a row's half still gives each block a long row
+ROW_MOMENTS = ("x_sum", "x_dev")  # the forward's row reductions, in program order
+ROW_STAGES = ("x_sum", "x_shift", "x_dev", "x_terms")  # ... with its per-row stages
 
 
 def vector_width(kernel: Kernel, target: TargetInfo) -> int:
@@ -53,6 +55,15 @@ def vector_width(kernel: Kernel, target: TargetInfo) -> int:
     while kernel.hidden % width:
         width //= 2
     return width
+
+
+FLOAT_LANES = 4  # float32 elements in a 16-byte vector: TVM's CUDA codegen has no 8-wide float
+
+
+def param_lanes(kernel: Kernel) -> int:
+    """Vector lanes for gamma and beta where they are read as they are (not widened): 4 when they
+    are float32 (rows vectorized 8 wide are 16-bit then: mixed precision), else no limit (0)."""
+    return FLOAT_LANES if kernel.params == "float32" else 0
 
 
 def thread_candidates(kernel: Kernel, target: TargetInfo, max_per_thread: int = 64) -> list[int]:
@@ -213,6 +224,8 @@ def rowwise(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, knobs) -> N
     gpu = target.is_gpu
     vec = vector_width(kernel, target)
     outputs = (["y"] if kernel.op == "forward" else []) + ["mean", "rstd"]
+    if not _legalized_bf16(kernel, target):
+        sch.compute_inline(sch.get_sblock("x_f32"))  # x widened as it is read: the row cached as x
     if gpu:
         threads = knobs.pick(sch, "threads", thread_candidates(kernel, target))
         rows = knobs.pick(sch, "rows_per_block", rows_per_block_candidates(target))
@@ -225,16 +238,31 @@ def rowwise(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, knobs) -> N
         threads = 1
         row = row_block = sch.merge(*[sch.get_loops(sch.get_sblock(b))[0] for b in outputs])
         sch.parallel(row)
-    for name in ("x_sq", "x_sum"):
-        sch.compute_at(sch.get_sblock(name), row)
-        sch.set_scope(sch.get_sblock(name), 0, "local")
-    # Every reader of x (and below, of dy and gamma) shares the cache, so no consumer_blocks: trace
-    # simplification drops the get_sblock instructions that only feed such a list.
-    x_sum = sch.get_sblock("x_sum")
-    x_cache = sch.cache_read(x_sum, _read_index(sch, x_sum, "x"), "local")
-    sch.compute_at(x_cache, row)
+    # The row's two reductions (te_ops' _row_moments: x_sum, then the pair of sums of d = x - a and
+    # d**2, two outputs like the backward's "c"), and its per-row stages, once a row into registers
+    # of every thread: x_shift (a, which the pair reads) and x_terms (a, sum(d) / N and
+    # sum(d**2) / N, which y, mean and rstd read), not the allreduces' volatile shared results.
+    for name in ROW_STAGES[::-1]:  # consumers before producers
+        block = sch.get_sblock(name)
+        sch.compute_at(block, row)
+        for index in range(len(sch.get(block).writes)):
+            sch.set_scope(block, index, "local")
+        if name not in ROW_MOMENTS:
+            sch.unroll(sch.get_loops(block)[-1])
+    if _legalized_bf16(kernel, target):
+        # The row cached widened to fp32 (stage x_f32): bf16 legalization leaves loads of a local
+        # bf16 buffer inside the pair reduction unrewritten (see _legalized_bf16).
+        x_cache = sch.get_sblock("x_f32")
+        sch.compute_at(x_cache, row)
+        sch.set_scope(x_cache, 0, "local")
+    else:
+        # Every reader of x (and below, of dy and gamma) shares the cache, so no consumer_blocks:
+        # trace simplification drops the get_sblock instructions that only feed such a list.
+        x_sum = sch.get_sblock("x_sum")
+        x_cache = sch.cache_read(x_sum, _read_index(sch, x_sum, "x"), "local")
+        sch.compute_at(x_cache, row)
     _spread_row(sch, x_cache, threads, vec, vectorize=True, gpu=gpu)
-    for name in ("x_sum", "x_sq"):
+    for name in ROW_MOMENTS:
         _spread_row(sch, sch.get_sblock(name), threads, vec, vectorize=False, gpu=gpu)
     if kernel.op == "forward":
         _store_row(sch, "y", row, threads, vec, gpu, units=kernel.hidden)
@@ -394,11 +422,12 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
         sch.compute_at(copy, step)
         if rows_per_step > 1:
             sch.unroll(sch.get_loops(copy)[-2])
+    gamma_cache = None
     if cache_gamma and "gammaf" not in kept:
         reader = sch.get_sblock("dyg") if "dyg" in kept else dx
-        gamma = sch.cache_read(reader, _read_index(sch, reader, "gamma"), "local")
-        sch.compute_at(gamma, outer)
-        caches.append(gamma)
+        gamma_cache = sch.cache_read(reader, _read_index(sch, reader, "gamma"), "local")
+        sch.compute_at(gamma_cache, outer)
+        caches.append(gamma_cache)
     if split:
         sch.bind(chunk, cluster.CHUNK_AXIS)
         sch.bind(outer, cluster.RANK_AXIS)
@@ -412,7 +441,9 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
         sch.annotate(chunk, MIN_BLOCKS_KEY, max(1, threads_per_sm // threads))
     spread = dict(gpu=gpu, units=kernel.hidden, chunked=chunked)
     for block in caches + copies:
-        _spread_row(sch, block, threads, vec, vectorize=True, **spread)
+        # float32 gamma beside 16-bit rows (mixed precision) takes 4 lanes at a time: no float8.
+        lanes = param_lanes(kernel) if block is gamma_cache else 0
+        _spread_row(sch, block, threads, vec, vectorize=True, lanes=lanes, **spread)
     for name in (n for n in kept if n != "crow"):
         _spread_row(sch, sch.get_sblock(name), threads, vec, vectorize=True, lanes=4, **spread)
     _store_row(sch, "dx", row, threads, vec, write_back=dx_write_back, **spread)
@@ -485,7 +516,8 @@ def inline_stages(sch: s_tir.Schedule, keep: Sequence[str] = ()) -> None:
 def _legalized_bf16(kernel: Kernel, target: TargetInfo) -> bool:
     """bfloat16 emulated in float32 (CPUs, ROCm): TVM 0.27's bf16 legalization leaves loads of a
     local bf16 buffer inside the pair reduction's Bind statements unrewritten, and the build fails
-    ("Load/Store of buffer dy_local occurred before its declaration")."""
+    ("Load/Store of buffer dy_local occurred before its declaration"). The backward re-reads its
+    rows on ROCm (or unbinds the pair on CPUs); the forward caches its row widened to fp32."""
     return kernel.dtype == "bfloat16" and target.family != "cuda"
 
 
@@ -733,13 +765,14 @@ def registers_needed(kernel: Kernel, knobs: dict) -> int:
     few cases."""
     per_thread = _block_hidden(kernel, knobs) // knobs["threads"]
     words = 1.0 if kernel.dtype == "float32" else 0.5
+    param_words = 1.0 if kernel.params == "float32" else 0.5  # float32 gamma beside 16-bit rows: mixed
     stage = knobs.get("stage_rows", 0)
     # Staged, the row being reduced lives in its fp32 stages; its cached x and dy are dead by then.
     cached_rows = knobs["rows_per_step"] - (1 if stage else 0) if knobs["cache_rows"] else 0
     rows = cached_rows * 2 * per_thread * words
     accumulators = 0 if knobs["shared_acc"] else 2 * per_thread
-    # gamma: this thread's slice, in the input dtype or (stage 2) widened to fp32; none when shared.
-    gamma = (per_thread if stage == 2 else per_thread * words) if knobs["cache_gamma"] == 1 else 0
+    # gamma: this thread's slice, in its own dtype or (stage 2) widened to fp32; none when shared.
+    gamma = (per_thread if stage == 2 else per_thread * param_words) if knobs["cache_gamma"] == 1 else 0
     staging = per_thread * words if words < 1 else 0
     stages = {0: 0, 1: 3 * per_thread, 2: 2 * per_thread}[stage]  # xhat, dy (and dy*gamma) in fp32
     return int(rows + accumulators + gamma + staging + stages) + 20

@@ -249,6 +249,21 @@ def test_committed_cuda_logs_give_tuned_backward_kernels():
     assert all(s.startswith(("tuned:", "transfer:p")) for s in sources), sources
 
 
+def test_forward_records_tuned_before_the_exact_statistics_are_still_found():
+    """The forward's TE changed (te_ops' _row_moments), so its workload hash did; the records tuned
+    on the old one are found through its legacy hash (their knobs name the same schedule)."""
+    target = get_target("cuda-sm90")
+    records = database.read_records(database.TUNING_LOGS / target.name)
+    for op in ("forward", "forward_stats"):
+        kernel = Kernel(op, 16384, "bfloat16")
+        current, legacy = database.workload_hashes(kernel, target)
+        assert current not in records and legacy in records
+        choice = database.choose(kernel, target, records, selection={})
+        assert choice.source.startswith(f"tuned:{legacy}:"), choice.source
+    assert len(database.workload_hashes(Kernel("forward", 16384, "bfloat16", param_dtype="float32"), target)) == 1
+    assert len(database.workload_hashes(Kernel("backward", 16384, "bfloat16", 66), target)) == 1
+
+
 def _cuda_source(kernel: Kernel, knobs: dict) -> str:
     return kernel_source(kernel, get_target("cuda-sm90"), knobs)
 
@@ -308,6 +323,19 @@ def test_row_scalars_read_the_allreduce_result_once_a_row():
 
     inlined, kept = reads(_cuda_source(kernel, knobs)), reads(_cuda_source(kernel, {**knobs, "row_scalars": 1}))
     assert (inlined, kept) == (8, 2)
+
+
+@pytest.mark.parametrize("kernel", [Kernel("forward", 4096, "bfloat16"), Kernel("forward_stats", 5120, "float32")])
+def test_forward_reads_the_allreduce_results_once_a_row(kernel):
+    """The row's shift and terms (te_ops' x_shift, x_terms) are read from the allreduces' volatile
+    shared results once a row (two each), never per element (inlined, 3 reads an element in the
+    pair and 2-3 in y); and only the allreduce's thread-0 stores write those results (stages made
+    of one element were rewritten into them in place by every thread: the race of te_ops)."""
+    source = _cuda_source(kernel, database.baseline_knobs(kernel, get_target("cuda-sm90")))
+    stores = re.findall(r"\(\(volatile float\*\)red_result\w*\)\[0\] = ([^;]*);", source)
+    assert stores and all(value.startswith("red_buf") for value in stores), stores
+    assert source.count("((volatile float*)red_result") - len(stores) == 4
+    assert "x_shift_local" in source and "x_terms_local" in source
 
 
 @pytest.mark.parametrize("depth,rows_per_step", [(1, 1), (2, 2)])
