@@ -239,7 +239,6 @@ def cmd_prune(args) -> int:
     from te_ops.layer_norm import GRANULES
 
     target = get_target(args.target)
-    hashes = getattr(database, "workload_hashes", lambda k, t: [database.workload_hash(k, t)])
     # Records at the rule's P and the default granule stay too: a kernel at a selected P or granule
     # takes its knobs from them; so do those of a kernel's earlier workload (workload_hashes).
     live = {
@@ -249,7 +248,7 @@ def cmd_prune(args) -> int:
         for p in (None, spaces.parts_for(target, n, d))
         for g in GRANULES
         for k in kernels_for(n, d, target, p, g)
-        for h in hashes(k, target)
+        for h in database.workload_hashes(k, target)
     }
     log_dir = Path(args.log_dir or database.TUNING_LOGS / target.name)
     with exclusive(log_dir):

@@ -20,12 +20,12 @@ from schedules.database import (
     TUNING_LOGS,
     WORKLOADS,
     choose,
+    find_record,
     measured_seconds,
     read_contents,
     read_records,
     tune_rows,
     workload,
-    workload_hash,
 )
 from schedules.knobs import Sampled
 from schedules.targets import TargetInfo
@@ -165,7 +165,7 @@ def summarize(kernels: list[Kernel], target: TargetInfo, log_dir: Path) -> str:
     records = read_records(Path(log_dir))
     lines = [f"{'kernel':<44} {'M':>8} {'best us':>9} {'GB/s':>7}  knobs"]
     for k in kernels:
-        record = records.get(workload_hash(k, target))
+        record = find_record(records, k, target)
         rows = tune_rows(k, target)
         if record is None:
             lines.append(f"{k.name:<44} {rows:>8} {'-':>9} {'-':>7}  (no valid record)")

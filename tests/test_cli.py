@@ -1,5 +1,5 @@
 """The command line: every argument checked before any work (one line, exit 2), problems with an
-export reported in one line, `~` expanded, and `bench --step`."""
+export reported in one line, `~` expanded, `bench --step`, and `check` of mixed-precision variants."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
+import ml_dtypes
+import numpy as np
 import pytest
 
 from lntune import check, cli, files
@@ -20,6 +22,14 @@ def small_export(tmp_path_factory) -> Path:
     """A small llvm export (N = 8, float32)."""
     out = tmp_path_factory.mktemp("cli") / "lib"
     export("llvm", [8], ["float32"], out, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixed_export(tmp_path_factory) -> Path:
+    """A small llvm export with a plain and a mixed-precision variant (bfloat16 rows, float32 gamma)."""
+    out = tmp_path_factory.mktemp("cli") / "mixed"
+    export("llvm", [8], ["float32", "bfloat16:float32"], out, log=lambda *_: None)
     return out
 
 
@@ -123,7 +133,36 @@ def test_the_lists_the_command_line_checks_against_are_the_libraries():
     from te_ops import layer_norm
 
     assert files.OPS == layer_norm.OPS and files.DTYPES == layer_norm.DTYPES
+    assert sorted(cli.DTYPE_SPECS) == sorted(layer_norm.DTYPE_SPECS)
     assert sorted(cli.STEP_CONFIGS) == sorted(step_bench.CONFIGS)
+
+
+def test_check_uses_the_parameters_dtype_for_dgamma_and_dbeta(mixed_export):
+    """A mixed variant's dgamma/dbeta are float32 and held to float32's tolerance, so one rounded to
+    bfloat16 on the way out (what a 16-bit parameter path would do) fails the check."""
+    lib = load(mixed_export)
+    assert (8, "bfloat16", "float32") in lib.variants
+    rows = check.check_variant(lib, 8, "bfloat16", 37, np.random.default_rng(), "float32")
+    tolerances = {r.output: r.tolerance for r in rows}
+    assert tolerances["dgamma"] == tolerances["mean"] == 3e-5 and tolerances["y"] == 1.6e-2
+    assert all(r.ok for r in rows) and {r.variant for r in rows} == {"bfloat16:float32"}
+    real = lib.kernel
+
+    def rounding(op, *key):
+        function = real(op, *key)
+        if op != "backward_sum":
+            return function
+
+        def rounded(*args):
+            function(*args)
+            for out in args[-2:]:  # dgamma, dbeta through bfloat16
+                out.copyfrom(out.numpy().astype(ml_dtypes.bfloat16).astype(np.float32))
+
+        return rounded
+
+    lib.kernel = rounding
+    rows = check.check_variant(lib, 8, "bfloat16", 37, np.random.default_rng(), "float32")
+    assert {r.output for r in rows if not r.ok} == {"dgamma", "dbeta"}
 
 
 def test_check_rejects_an_empty_row_list(small_export):
