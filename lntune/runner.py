@@ -172,7 +172,12 @@ class Library:
         family = first.device.split(":")[0]
         if family != self.family and not numpy_in:  # numpy arrays are copied to the library's device
             raise ValueError(f"{first_name} is on {first.device}, but this library runs on {self.family}")
-        return int(first.device.split(":")[1]) if ":" in first.device and family != "cpu" else -1
+        if family == "cpu" or ":" not in first.device:
+            return -1
+        torch = _torch()
+        if torch is not None and family == "cuda" and torch.cuda.device_count() == 1:
+            return -1  # one visible GPU: it is the current device
+        return int(first.device.split(":")[1])
 
     def _variant(self, name: str, info: _Info, param: _Info | None) -> tuple[int, int, str]:
         """(rows, hidden, parameters' dtype) of the variant a call runs: the parameters' dtype picks a
@@ -247,12 +252,13 @@ class Library:
 
     @staticmethod
     def _launch(plan: _Plan, function, *args) -> None:
-        if plan.device_index >= 0:
-            torch = _torch()
-            if torch.cuda.current_device() != plan.device_index:  # TVM launches on the current device
-                with torch.cuda.device(plan.device_index):
-                    return function(*args)
-        function(*args)
+        if plan.device_index < 0:
+            return function(*args)
+        torch = _torch()
+        if torch.cuda.current_device() == plan.device_index:
+            return function(*args)
+        with torch.cuda.device(plan.device_index):  # TVM launches on the current device
+            return function(*args)
 
     @staticmethod
     def _stats_pair(like, rows: int):

@@ -44,7 +44,8 @@ _AUTOCAST_FP32 = ("cuda",)
 
 _PINNED: dict[str, Library] = {}  # resolved export directory -> its library
 _CHOSEN: dict[tuple, Library] = {}  # (key, device, hidden, dtype, param dtype) -> library
-_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # ones/zeros for elementwise_affine=False
+_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_WHY: dict[tuple, str] = {}  # _unsupported's answers  # ones/zeros for elementwise_affine=False
 
 
 # -- which library ---------------------------------------------------------------------------------
@@ -136,7 +137,16 @@ def library_for(
 
 @torch.compiler.assume_constant_result
 def _unsupported(key: str, device_type: str, device_index: int, hidden: int, dtype: str, param_dtype: str) -> str:
-    """Why lntune cannot run this variant ("" when it can); constant under torch.compile."""
+    """Why lntune cannot run this variant ("" when it can); constant under torch.compile, and
+    remembered (eager calls ask it every time)."""
+    args = (key, device_type, device_index, hidden, dtype, param_dtype)
+    why = _WHY.get(args)
+    if why is None:
+        why = _WHY[args] = _reason(*args)
+    return why
+
+
+def _reason(key: str, device_type: str, device_index: int, hidden: int, dtype: str, param_dtype: str) -> str:
     if dtype not in _DTYPES.values() or param_dtype not in _DTYPES.values():
         return f"dtype {dtype} with parameters in {param_dtype}: lntune has float32, float16, bfloat16"
     if param_dtype != dtype and not (dtype in _SIXTEEN_BIT and param_dtype == "float32"):
@@ -235,16 +245,16 @@ class _LayerNormFunction(torch.autograd.Function):
 
 
 def _hidden(x: torch.Tensor, normalized_shape) -> tuple[int, ...]:
-    """normalized_shape as a tuple of ints (numpy integers too), checked against x's trailing axes."""
-    try:
+    """normalized_shape as a tuple of ints (numpy integers too), checked against x's trailing axes.
+    (No try/except TypeError: dynamo in torch 2.11 turns that TypeError into an internal error.)"""
+    if isinstance(normalized_shape, numbers.Integral):
         shape = (operator.index(normalized_shape),)
-    except TypeError:
-        try:
-            shape = tuple(operator.index(d) for d in normalized_shape)
-        except TypeError:
-            raise TypeError(
-                f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
-            ) from None
+    elif isinstance(normalized_shape, (tuple, list, torch.Size)) and all(
+        isinstance(d, numbers.Integral) for d in normalized_shape
+    ):
+        shape = tuple(operator.index(d) for d in normalized_shape)
+    else:
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
     if not shape or tuple(x.shape[-len(shape) :]) != shape:
         raise ValueError(
             f"normalized_shape {shape} must match the trailing dimensions of input of shape {tuple(x.shape)}"
