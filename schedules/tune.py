@@ -132,20 +132,27 @@ def _tune(kernels, target, trials_per_kernel, log_dir, workers, builder_timeout,
     if runner == "local":
         runner = ms.runner.LocalRunner(evaluator_config=EVALUATOR)
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.INFO)
-    ms.tune_tasks(
-        tasks=tasks,
-        task_weights=[1.0] * len(tasks),
-        work_dir=str(log_dir / "work"),
-        max_trials_global=trials_per_kernel * len(tasks),
-        max_trials_per_task=trials_per_kernel,
-        num_trials_per_iter=per_iter,
-        builder=builder,
-        runner=runner,
-        database=database,
-        cost_model="xgb",
-        measure_callbacks="default",
-        task_scheduler="round-robin",
-    )
+    try:
+        ms.tune_tasks(
+            tasks=tasks,
+            task_weights=[1.0] * len(tasks),
+            work_dir=str(log_dir / "work"),
+            max_trials_global=trials_per_kernel * len(tasks),
+            max_trials_per_task=trials_per_kernel,
+            num_trials_per_iter=per_iter,
+            builder=builder,
+            runner=runner,
+            database=database,
+            cost_model="xgb",
+            measure_callbacks="default",
+            task_scheduler="round-robin",
+        )
+    finally:
+        # The runner's worker processes live as long as its pool, which TVM only shuts down when the
+        # runner is garbage-collected; a reference held elsewhere (FFI) left them orphaned.
+        pool = getattr(runner, "pool", None)
+        if pool is not None:
+            pool.shutdown()
 
 
 def kernel_bytes(kernel: Kernel, rows: int) -> int:
