@@ -121,7 +121,8 @@ class Library:
         self.manifest = manifest
         self.family = manifest["device"]
         _register_device_backend(self.family)
-        self.module = tvm.runtime.load_module(str(directory / LIBRARY))
+        # Through loadable_path: dlopen would hand back an earlier export at the same path.
+        self.module = tvm.runtime.load_module(files.loadable_path(directory / LIBRARY))
         files.check_functions(manifest, self.module, directory / MANIFEST)
         self.device = {"cpu": tvm.cpu, "cuda": tvm.cuda, "rocm": tvm.rocm}[self.family](0)
         self.alignment = ALIGNMENT[self.family]

@@ -323,3 +323,21 @@ def test_mixed_dtypes_lntune_has_no_kernel_for_fall_back_or_raise(llvm_library):
     with pytest.warns(UserWarning, match="using torch's layer_norm"):
         y = layer_norm(x.double(), 128, library=llvm_library, fallback=True)
     assert y.dtype == torch.float64
+
+
+def test_a_variant_rebuilt_in_the_cache_loads_anew(tmp_path, monkeypatch):
+    """A damaged cache entry is exported again and the new library is what runs, in the same process."""
+    from lntune import cache
+
+    monkeypatch.setenv("LNTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(lt, "_CHOSEN", {})
+    monkeypatch.setattr(cache, "_LOADED", {})
+    x = torch.randn(3, 56) + 1
+    first = LayerNorm(56)(x)
+    (manifest,) = tmp_path.glob("*/n56-float32/manifest.json")
+    library = manifest.with_name("lntune.so")
+    library.write_bytes(library.read_bytes()[:4096])  # cut short: read_manifest refuses it
+    monkeypatch.setattr(lt, "_CHOSEN", {})
+    monkeypatch.setattr(cache, "_LOADED", {})
+    assert torch.equal(LayerNorm(56)(x), first)
+    assert library.stat().st_size > 4096
