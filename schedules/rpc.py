@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -95,6 +96,7 @@ def local_rpc(
                 ],
                 stdout=tracker_log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         )
         _wait(lambda: _connects(port), 60, f"the RPC tracker on port {port}", processes)
@@ -104,19 +106,34 @@ def local_rpc(
                 env["CUDA_VISIBLE_DEVICES"] = str(gpus[i])
             log = (log_dir / f"rpc_server_{i}.log").open("w")
             command = server_command(_free_port(), port, key, forked_sessions)
-            processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
+            # A session of its own: the server's session workers are ended with it (its group).
+            processes.append(
+                subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            )
         _wait(
             lambda: _free_servers(LOOPBACK, port, key) >= count, 120, f"{count} RPC servers with key {key!r}", processes
         )
         yield f"{LOOPBACK}:{port}"
     finally:
-        for process in reversed(processes):
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        _end_groups(processes)
+
+
+def _end_groups(processes: list[subprocess.Popen]) -> None:
+    """Terminate each process's group (the process and whatever it started), then kill what stays."""
+    for process in reversed(processes):
+        _signal_group(process, signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(process, signal.SIGKILL)  # workers that outlived their server
+        process.wait()
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)
 
 
 def server_command(port: int, tracker_port: int, key: str, forked_sessions: bool) -> list[str]:

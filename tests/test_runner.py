@@ -3,6 +3,8 @@
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lntune
 from te_ops import reference
@@ -125,3 +127,42 @@ def test_load_names_what_it_was_given(llvm_library, tmp_path):
     assert lntune.load(llvm_library.directory / "manifest.json").variants == llvm_library.variants
     with pytest.raises(ValueError, match="pass the folder"):
         lntune.load(llvm_library.directory / "other.so")
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    hidden=st.sampled_from([7, 128, 1000]),
+    dtype=st.sampled_from(["float32", "bfloat16"]),
+    rows=st.integers(0, 9),
+    offset=st.integers(0, 17),
+    layout=st.sampled_from(["contiguous", "transposed", "every_other_row", "every_other_column"]),
+)
+def test_any_strides_and_offsets_give_the_reference(llvm_library, hidden, dtype, rows, offset, layout):
+    """Property: a torch view at any element offset and with any of these strides gives what its
+    contiguous values give (copied where the kernels cannot read it in place), forward and backward."""
+    torch = pytest.importorskip("torch")
+    tdt = getattr(torch, dtype)
+    size = 2 * rows * hidden * 2 + 2 * hidden + offset + 8
+    flat = (torch.randn(size) + 2).to(tdt)
+    gamma, beta = flat[offset : offset + hidden], flat[offset + hidden : offset + 2 * hidden]
+    base = flat[offset + 2 * hidden :]
+    if layout == "contiguous":
+        x = base[: rows * hidden].view(rows, hidden)
+    elif layout == "transposed":
+        x = base[: rows * hidden].view(hidden, rows).t()
+    elif layout == "every_other_row":
+        x = base[: 2 * rows * hidden].view(rows, 2 * hidden)[:, :hidden] if rows else base[:0].view(0, hidden)
+    else:
+        x = base[: 2 * rows * hidden].view(rows, 2 * hidden)[:, ::2] if rows else base[:0].view(0, hidden)
+    dy = torch.randn(rows, hidden).to(tdt).t().contiguous().t()  # column-major dy
+    y, mean, rstd = llvm_library.forward(x, gamma, beta)
+    dx, dgamma, dbeta = llvm_library.backward(dy, x, mean, rstd, gamma)
+    as_np = [t.float().numpy() for t in (x, gamma, beta, dy)]
+    want_y, want_mean, want_rstd = reference.forward(as_np[0], as_np[1], as_np[2], 1e-5)
+    want = reference.backward(as_np[3], as_np[0], mean.numpy(), rstd.numpy(), as_np[1])
+    tol = reference.TOLERANCE[dtype]
+    assert reference.rel_error(y.float().numpy(), want_y) <= tol
+    if rows:
+        assert reference.rel_error(mean.numpy(), want_mean) <= 1e-5
+    for got, expected in zip((dx, dgamma, dbeta), want):
+        assert reference.rel_error(got.float().numpy(), expected) <= tol
