@@ -214,6 +214,8 @@ class Library:
             for name in ("gamma", "beta"):
                 self._expect(name, infos[name], (hidden,), (param_dtype,))
         elif op == "backward":
+            if infos["x"].shape != infos["dy"].shape:  # neither is known to be the wrong one
+                raise ValueError(f"dy and x must have one shape, got dy {infos['dy'].shape} and x {infos['x'].shape}")
             self._expect("x", infos["x"], (rows, hidden), (dtype,))
             for name in ("mean", "rstd"):
                 self._expect(name, infos[name], (rows,), (STATS_DTYPE,))

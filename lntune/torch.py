@@ -296,7 +296,10 @@ def layer_norm(
     param_type = weight.dtype if weight is not None else bias.dtype if bias is not None else x.dtype
     dtype, param = _DTYPES.get(x.dtype, str(x.dtype)), _DTYPES.get(param_type, str(param_type))
     key = _key(library)
-    why = _unsupported(key, x.device.type, x.device.index or 0, hidden, dtype, param)
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        why = f"weight in {weight.dtype} but bias in {bias.dtype}: lntune takes both in one dtype"
+    else:
+        why = _unsupported(key, x.device.type, x.device.index or 0, hidden, dtype, param)
     if why:
         if not fallback:
             raise ValueError(f"lntune cannot run this layer_norm: {why} (pass fallback=True to use torch's kernels)")

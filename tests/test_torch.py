@@ -323,6 +323,8 @@ def test_mixed_dtypes_lntune_has_no_kernel_for_fall_back_or_raise(llvm_library):
     with pytest.warns(UserWarning, match="using torch's layer_norm"):
         y = layer_norm(x.double(), 128, library=llvm_library, fallback=True)
     assert y.dtype == torch.float64
+    with pytest.raises(ValueError, match="weight in torch.float32 but bias in torch.bfloat16"):
+        layer_norm(x, 128, torch.ones(128), torch.zeros(128, dtype=torch.bfloat16), library=llvm_library)
 
 
 def test_a_variant_rebuilt_in_the_cache_loads_anew(tmp_path, monkeypatch):
