@@ -502,7 +502,10 @@ def plot(rows: list[dict], path: Path) -> None:
         for name in dict.fromkeys(r["impl"] for r in mine):
             pts = [(labels.index(_shape_label(r)), r["step_us"]) for r in mine if r["impl"] == name]
             style = "-" if name.startswith("lntune") else "--"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=name)
+            marker = "s" if name.endswith("compile") else "o"  # lntune and lntune-compile often coincide
+            color = f"C{IMPLEMENTATIONS.index(name)}" if name in IMPLEMENTATIONS else None  # same in every panel
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            ax.plot(xs, ys, style, marker=marker, color=color, label=name, markerfacecolor="none")
         ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
         ax.set_yscale("log")
         ax.set_xlabel("shape M×N")
