@@ -247,7 +247,9 @@ class _LayerNormFunction(torch.autograd.Function):
 def _hidden(x: torch.Tensor, normalized_shape) -> tuple[int, ...]:
     """normalized_shape as a tuple of ints (numpy integers too), checked against x's trailing axes.
     (No try/except TypeError: dynamo in torch 2.11 turns that TypeError into an internal error.)"""
-    if isinstance(normalized_shape, numbers.Integral):
+    if type(normalized_shape) is tuple and all(type(d) is int for d in normalized_shape):
+        shape = normalized_shape  # the common case (a module's), without the slow ABC checks below
+    elif isinstance(normalized_shape, numbers.Integral):
         shape = (operator.index(normalized_shape),)
     elif isinstance(normalized_shape, (tuple, list, torch.Size)) and all(
         isinstance(d, numbers.Integral) for d in normalized_shape
@@ -307,8 +309,8 @@ def layer_norm(
         return nn.functional.layer_norm(input, shape, weight, bias, eps)
     affine = weight is not None or bias is not None
     ones, zeros = (None, None) if (weight is not None and bias is not None) else _constants(x, hidden, param_type)
-    w = weight.reshape(hidden) if weight is not None else ones
-    b = bias.reshape(hidden) if bias is not None else zeros
+    w = (weight if weight.dim() == 1 else weight.reshape(hidden)) if weight is not None else ones
+    b = (bias if bias.dim() == 1 else bias.reshape(hidden)) if bias is not None else zeros
     rows = x.reshape(-1, hidden)
     if torch.compiler.is_compiling():
         y = torch.ops.lntune.forward(rows, w, b, float(eps), key)[0]
