@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,7 +240,12 @@ class Library:
     # -- the torch path ------------------------------------------------------------------------------
     # Keys hold each argument's (shape, dtype, device); a failed check stores nothing, so a key that
     # is found was checked. Written out per op: this is the per-call cost that users see.
-    def _plan_for(self, key: tuple, op: str, args: dict[str, Any]) -> _Plan:
+    def _plan_for(self, key: Callable[[], tuple], op: str, args: dict[str, Any]) -> _Plan:
+        try:
+            key = key()
+        except AttributeError:  # an argument that is no tensor: _plan says which
+            self._plan(op, args)
+            raise
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= _MAX_PLANS:  # row counts that vary without end: start over
@@ -282,18 +288,20 @@ class Library:
         return both[0, :size].view(parts, hidden), both[1, :size].view(parts, hidden)
 
     def _torch_forward(self, x, gamma, beta, eps: float):
-        key = (
-            "f",
-            x.shape,
-            x.dtype,
-            x.device,
-            gamma.shape,
-            gamma.dtype,
-            gamma.device,
-            beta.shape,
-            beta.dtype,
-            beta.device,
-        )
+        def key():
+            return (
+                "f",
+                x.shape,
+                x.dtype,
+                x.device,
+                gamma.shape,
+                gamma.dtype,
+                gamma.device,
+                beta.shape,
+                beta.dtype,
+                beta.device,
+            )
+
         plan = self._plan_for(key, "forward", {"x": x, "gamma": gamma, "beta": beta})
         ready = self._ready
         x, gamma, beta = ready(x), ready(gamma), ready(beta)
@@ -304,7 +312,7 @@ class Library:
         return y, mean, rstd
 
     def _torch_forward_stats(self, x, eps: float):
-        plan = self._plan_for(("s", x.shape, x.dtype, x.device), "forward_stats", {"x": x})
+        plan = self._plan_for(lambda: ("s", x.shape, x.dtype, x.device), "forward_stats", {"x": x})
         x = self._ready(x)
         mean, rstd = self._stats_pair(x, plan.rows)
         if plan.rows:
@@ -312,24 +320,26 @@ class Library:
         return mean, rstd
 
     def _torch_backward(self, dy, x, mean, rstd, gamma):
-        key = (
-            "b",
-            dy.shape,
-            dy.dtype,
-            dy.device,
-            x.shape,
-            x.dtype,
-            x.device,
-            mean.shape,
-            mean.dtype,
-            mean.device,
-            rstd.shape,
-            rstd.dtype,
-            rstd.device,
-            gamma.shape,
-            gamma.dtype,
-            gamma.device,
-        )
+        def key():
+            return (
+                "b",
+                dy.shape,
+                dy.dtype,
+                dy.device,
+                x.shape,
+                x.dtype,
+                x.device,
+                mean.shape,
+                mean.dtype,
+                mean.device,
+                rstd.shape,
+                rstd.dtype,
+                rstd.device,
+                gamma.shape,
+                gamma.dtype,
+                gamma.device,
+            )
+
         plan = self._plan_for(key, "backward", {"dy": dy, "x": x, "mean": mean, "rstd": rstd, "gamma": gamma})
         torch, ready = _torch(), self._ready
         dy, x, mean, rstd, gamma = ready(dy), ready(x), ready(mean), ready(rstd), ready(gamma)

@@ -166,3 +166,12 @@ def test_any_strides_and_offsets_give_the_reference(llvm_library, hidden, dtype,
         assert reference.rel_error(mean.numpy(), want_mean) <= 1e-5
     for got, expected in zip((dx, dgamma, dbeta), want):
         assert reference.rel_error(got.float().numpy(), expected) <= tol
+
+
+def test_torch_and_other_arrays_mixed_are_refused(llvm_library):
+    torch = pytest.importorskip("torch")
+    x, gamma, beta = _inputs()
+    with pytest.raises(TypeError, match="all arguments must be of one kind"):
+        llvm_library.forward(torch.from_numpy(x), gamma, beta)
+    with pytest.raises(TypeError, match="gamma must be a numpy array, torch tensor or tvm tensor"):
+        llvm_library.forward(torch.from_numpy(x), gamma.tolist(), torch.from_numpy(beta))
