@@ -71,6 +71,12 @@ def _torch_dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def dtype_spec(dtype: str, param_dtype: str | None = None) -> str:
+    """A variant's dtypes as export spells them: "bfloat16", or "bfloat16:float32" for float32
+    parameters (te_ops.layer_norm.dtype_spec, which needs the TVM compiler; the runner must not)."""
+    return dtype if param_dtype in (None, dtype) else f"{dtype}:{param_dtype}"
+
+
 def _padded(count: int, itemsize: int) -> int:
     """count rounded up so that what follows it in a shared allocation stays _PAD_BYTES-aligned."""
     step = max(1, _PAD_BYTES // itemsize)
@@ -144,8 +150,11 @@ class Library:
         self._plans: dict[tuple, _Plan] = {}
 
     def __repr__(self) -> str:
-        names = [f"{h}:{d}" + (f"/{p}" if p != d else "") for h, d, p in self.variants]
-        return f"lntune.Library({str(self.directory)!r}, target={self.manifest['target']}, variants={names})"
+        return f"lntune.Library({str(self.directory)!r}, target={self.manifest['target']}, variants=[{self.names()}])"
+
+    def names(self) -> str:
+        """The variants as "hidden:dtypes", comma-separated (for messages)."""
+        return ", ".join(f"{h}:{dtype_spec(d, p)}" for h, d, p in self.variants)
 
     def has_variant(self, hidden: int, dtype: str, param_dtype: str | None = None) -> bool:
         return (hidden, dtype, param_dtype or dtype) in self._variant_set
@@ -191,8 +200,9 @@ class Library:
             return rows, hidden, param.dtype
         if (hidden, info.dtype, info.dtype) in self._variant_set:
             return rows, hidden, info.dtype
-        have = ", ".join(f"{h}:{d}" + (f"/{p}" if p != d else "") for h, d, p in self.variants)
-        raise ValueError(f"{name}: no variant for hidden={hidden}, dtype={info.dtype} in this library; it has {have}")
+        raise ValueError(
+            f"{name}: no variant for hidden={hidden}, dtype={info.dtype} in this library; it has {self.names()}"
+        )
 
     @staticmethod
     def _expect(name: str, info: _Info, shape: tuple[int, ...], dtypes: tuple[str, ...]) -> None:

@@ -22,15 +22,14 @@ import csv
 import datetime
 import io
 import math
-import os
 import platform
 import re
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lntune import files
 from te_ops import reference
 
 EPS = 1e-5
@@ -381,18 +380,6 @@ def measure_cell(torch, clock, meta, rows, hidden, config, names, library, steps
 # ---------------------------------------------------------------- outputs
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write a file whole or not at all (a temporary beside it, then renamed over it)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _csv_text(rows: list[dict]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=FIELDS, extrasaction="ignore", lineterminator="\n")
@@ -517,7 +504,7 @@ def plot(rows: list[dict], path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    _write_atomic(path, buf.getvalue())
+    files.write_bytes_atomic(path, buf.getvalue())
 
 
 # ---------------------------------------------------------------- entry point
@@ -594,11 +581,13 @@ def run(
             results += measure_cell(
                 torch, clock, meta, rows, hidden, config, names, library, steps, host_steps, copy, l2, log
             )
-            _write_atomic(stem.with_suffix(".csv"), _csv_text(results).encode())  # a cut-short run keeps its cells
+            files.write_bytes_atomic(
+                stem.with_suffix(".csv"), _csv_text(results).encode()
+            )  # a cut-short run keeps its cells
     info = {**meta, "library": library or "lntune's own cache", "copy_gbps": copy, "steps": steps}
     info |= {"host_steps": host_steps, "l2_mb": round((l2 or DEFAULT_L2_BYTES) / 2**20)}
     md = stem.with_suffix(".md")
-    _write_atomic(md, markdown(results, info).encode())
+    files.write_bytes_atomic(md, markdown(results, info).encode())
     try:
         plot(results, stem.with_suffix(".png"))
     except ImportError:

@@ -96,10 +96,6 @@ def _target_for(device: torch.device) -> tuple[str, str]:
     return target, name
 
 
-def _spec(dtype: str, param_dtype: str) -> str:
-    return dtype if param_dtype == dtype else f"{dtype}:{param_dtype}"
-
-
 def _library(key: str, device: torch.device, hidden: int, dtype: str, param_dtype: str) -> Library:
     """The library that runs this variant: the pinned one, or the cache's (built on first use)."""
     chosen = _CHOSEN.get((key, device, hidden, dtype, param_dtype))
@@ -107,9 +103,10 @@ def _library(key: str, device: torch.device, hidden: int, dtype: str, param_dtyp
         return chosen
     if key == AUTO:
         from lntune import cache
+        from lntune.runner import dtype_spec
 
         target, label = _target_for(device)
-        lib = cache.library(target, label, hidden, _spec(dtype, param_dtype))
+        lib = cache.library(target, label, hidden, dtype_spec(dtype, param_dtype))
     else:
         lib = _load(key)
     _CHOSEN[(key, device, hidden, dtype, param_dtype)] = lib
@@ -162,10 +159,10 @@ def _reason(key: str, device_type: str, device_index: int, hidden: int, dtype: s
     if lib.family != family:
         return f"the lntune library {key} runs on {lib.family}, the input is on {device_type}"
     if not lib.has_variant(hidden, dtype, param_dtype):
-        have = ", ".join(f"{h}:{_spec(d, p)}" for h, d, p in lib.variants)
-        return (
-            f"the lntune library {key} has no variant for hidden={hidden}, {_spec(dtype, param_dtype)}; it has {have}"
-        )
+        from lntune.runner import dtype_spec
+
+        wanted = dtype_spec(dtype, param_dtype)
+        return f"the lntune library {key} has no variant for hidden={hidden}, {wanted}; it has {lib.names()}"
     return ""
 
 
