@@ -120,6 +120,128 @@ class _Plan:
     device_index: int = -1  # a CUDA tensor's device (TVM launches on the current device)
 
 
+def _ready(t, alignment: int):
+    """t itself when the kernels may read it in place, else a contiguous, aligned copy."""
+    if t.is_contiguous() and t.data_ptr() % alignment == 0:
+        return t
+    return t.clone(memory_format=_torch().contiguous_format)
+
+
+class TorchLaunch:
+    """Forward and backward of one checked (rows M, hidden N, dtypes, device) on torch tensors: the
+    functions to call and templates that allocate the outputs in one call each. Callers have
+    checked their arguments' shapes, dtypes and devices (Library's torch path, by its plan keys;
+    lntune.torch, once per input shape); x, dy and the outputs may have any shape of M*N elements."""
+
+    __slots__ = (
+        "rows",
+        "hidden",
+        "alignment",
+        "device_index",
+        "_forward",
+        "_stats",
+        "_backward",
+        "_sum",
+        "_stats_like",
+        "_parts_like",
+    )
+
+    def __init__(self, lib: Library, plan: _Plan, like) -> None:
+        torch = _torch()
+        self.rows, self.hidden, self.alignment = plan.rows, plan.hidden, lib.alignment
+        self.device_index = plan.device_index
+        self._forward = lib.kernel("forward", plan.hidden, plan.dtype, plan.param_dtype)
+        self._stats = lib.kernel("forward_stats", plan.hidden, plan.dtype)
+        self._backward = lib.kernel("backward", plan.hidden, plan.dtype, plan.param_dtype)
+        self._sum = lib.kernel("backward_sum", plan.hidden, plan.dtype, plan.param_dtype)
+        parts = lib.parts_for(plan.hidden, plan.dtype, plan.param_dtype)
+        # Expanded scalars hold no memory; empty_like of one is a new contiguous tensor of its shape.
+        one = torch.empty((), dtype=torch.float32, device=like.device)
+        self._stats_like = one.expand(plan.rows)
+        # The two fp32 [P, N] partial buffers of a backward, from torch's caching allocator ordered
+        # on its current stream (a TVM allocation is a cudaMalloc/cudaFree pair, the free waiting
+        # for the whole device). P * N * 4 bytes is a multiple of 64 at every P and N exported.
+        self._parts_like = one.expand(2, parts, plan.hidden)
+
+    def launch(self, function, *args) -> None:
+        if self.device_index < 0:
+            return function(*args)
+        torch = _torch()
+        if torch.cuda.current_device() == self.device_index:
+            return function(*args)
+        with torch.cuda.device(self.device_index):  # TVM launches on the current device
+            return function(*args)
+
+    def _rows(self, t):
+        """t as the [M, N] the kernels take, contiguous and aligned (a view where it can be)."""
+        if t.dim() != 2:
+            t = t.reshape(self.rows, self.hidden)
+        if t.is_contiguous() and t.data_ptr() % self.alignment == 0:
+            return t
+        return t.clone(memory_format=_torch().contiguous_format)
+
+    def forward_stats(self, x, eps: float):
+        """mean and rstd of each row of x."""
+        like = self._stats_like
+        mean, rstd = _torch().empty_like(like), _torch().empty_like(like)
+        if self.rows:
+            self.launch(self._stats, self._rows(x), eps, mean, rstd)
+        return mean, rstd
+
+    def forward(self, x, gamma, beta, eps: float):
+        """y (x's shape, contiguous), mean and rstd."""
+        torch = _torch()
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        like = self._stats_like
+        mean, rstd = torch.empty_like(like), torch.empty_like(like)
+        if self.rows:
+            self.launch(
+                self._forward,
+                self._rows(x),
+                _param(gamma, self.hidden, self.alignment),
+                _param(beta, self.hidden, self.alignment),
+                eps,
+                y if y.dim() == 2 else y.view(self.rows, self.hidden),
+                mean,
+                rstd,
+            )
+        return y, mean, rstd
+
+    def backward(self, dy, x, mean, rstd, gamma):
+        """dx (dy's shape, contiguous), dgamma and dbeta (gamma's shape and dtype)."""
+        torch = _torch()
+        dx = torch.empty_like(dy, memory_format=torch.contiguous_format)
+        contiguous = torch.contiguous_format
+        dgamma = torch.empty_like(gamma, memory_format=contiguous)
+        dbeta = torch.empty_like(gamma, memory_format=contiguous)
+        if not self.rows:
+            return dx, dgamma.zero_(), dbeta.zero_()
+        parts = torch.empty_like(self._parts_like).unbind(0)
+        align = self.alignment
+        self.launch(
+            self._backward,
+            self._rows(dy),
+            self._rows(x),
+            _ready(mean, align),
+            _ready(rstd, align),
+            _param(gamma, self.hidden, align),
+            dx if dx.dim() == 2 else dx.view(self.rows, self.hidden),
+            *parts,
+        )
+        if dgamma.dim() == 1:
+            self.launch(self._sum, *parts, dgamma, dbeta)
+        else:
+            self.launch(self._sum, *parts, dgamma.view(self.hidden), dbeta.view(self.hidden))
+        return dx, dgamma, dbeta
+
+
+def _param(t, hidden: int, alignment: int):
+    """A parameter (or its gradient) as the [N] the kernels take."""
+    if t.dim() != 1:
+        t = t.view(hidden) if t.is_contiguous() else t.reshape(hidden)
+    return _ready(t, alignment)
+
+
 class Library:
     """The kernels of one exported library, dispatched by (hidden size, dtype, parameters' dtype)."""
 
@@ -147,7 +269,8 @@ class Library:
         )
         self._variant_set = set(self.variants)
         self._cache: dict[str, Any] = {}
-        self._plans: dict[tuple, _Plan] = {}
+        self._plans: dict[tuple, TorchLaunch] = {}
+        self._launchers: dict[tuple, TorchLaunch] = {}
 
     def __repr__(self) -> str:
         return f"lntune.Library({str(self.directory)!r}, target={self.manifest['target']}, variants=[{self.names()}])"
@@ -250,84 +373,50 @@ class Library:
     # -- the torch path ------------------------------------------------------------------------------
     # Keys hold each argument's (shape, dtype, device); a failed check stores nothing, so a key that
     # is found was checked. Written out per op: this is the per-call cost that users see.
-    def _plan_for(self, key: Callable[[], tuple], op: str, args: dict[str, Any]) -> _Plan:
+    def _launch_for(self, key: Callable[[], tuple], op: str, args: dict[str, Any]) -> TorchLaunch:
+        """The launcher of a call whose arguments `key` describes, checking them on first sight."""
         try:
             key = key()
         except AttributeError:  # an argument that is no tensor: _plan says which
             self._plan(op, args)
             raise
-        plan = self._plans.get(key)
-        if plan is None:
+        launch = self._plans.get(key)
+        if launch is None:
             if len(self._plans) >= _MAX_PLANS:  # row counts that vary without end: start over
                 self._plans.clear()
-            plan = self._plans[key] = self._plan(op, args)
-        return plan
+                self._launchers.clear()
+            launch = self._plans[key] = self._launcher(self._plan(op, args), next(iter(args.values())))
+        return launch
 
-    def _ready(self, t):
-        """t itself when the kernels may read it in place, else a contiguous, aligned copy."""
-        if t.is_contiguous() and t.data_ptr() % self.alignment == 0:
-            return t
-        return t.clone(memory_format=_torch().contiguous_format)
+    def _launcher(self, plan: _Plan, like) -> TorchLaunch:
+        """One launcher per (rows, hidden, dtypes) and device, shared by the ops that run on it."""
+        key = (plan.rows, plan.hidden, plan.dtype, plan.param_dtype, like.device)
+        launch = self._launchers.get(key)
+        if launch is None:
+            launch = self._launchers[key] = TorchLaunch(self, plan, like)
+        return launch
 
-    @staticmethod
-    def _launch(plan: _Plan, function, *args) -> None:
-        if plan.device_index < 0:
-            return function(*args)
-        torch = _torch()
-        if torch.cuda.current_device() == plan.device_index:
-            return function(*args)
-        with torch.cuda.device(plan.device_index):  # TVM launches on the current device
-            return function(*args)
-
-    @staticmethod
-    def _stats_pair(like, rows: int):
-        """mean and rstd (two allocations: cheaper than slicing one in two, measured on CPU)."""
-        f32 = _torch().float32
-        return like.new_empty((rows,), dtype=f32), like.new_empty((rows,), dtype=f32)
-
-    @staticmethod
-    def _partials(like, parts: int, hidden: int):
-        """The two [P, N] float32 partial buffers of a backward, from one allocation; the second
-        starts _PAD_BYTES-aligned (it always does at the P of today's targets)."""
-        f32 = _torch().float32
-        size, step = parts * hidden, _padded(parts * hidden, 4)
-        if size == step:
-            both = like.new_empty((2, parts, hidden), dtype=f32)
-            return both[0], both[1]
-        both = like.new_empty((2, step), dtype=f32)
-        return both[0, :size].view(parts, hidden), both[1, :size].view(parts, hidden)
+    def torch_launch(self, x, gamma, beta=None) -> TorchLaunch:
+        """The launcher of forward and backward for torch tensors shaped and typed like x[M, N],
+        gamma[N] and beta[N] on their device, checked once: lntune.torch keeps one per input shape
+        and calls it with no further checks (its arguments must then match what was checked)."""
+        args = {"x": x, "gamma": gamma, "beta": gamma if beta is None else beta}
+        return self._launch_for(lambda: ("f", *((t.shape, t.dtype, t.device) for t in args.values())), "forward", args)
 
     def _torch_forward(self, x, gamma, beta, eps: float):
         def key():
             return (
                 "f",
-                x.shape,
-                x.dtype,
-                x.device,
-                gamma.shape,
-                gamma.dtype,
-                gamma.device,
-                beta.shape,
-                beta.dtype,
-                beta.device,
+                (x.shape, x.dtype, x.device),
+                (gamma.shape, gamma.dtype, gamma.device),
+                (beta.shape, beta.dtype, beta.device),
             )
 
-        plan = self._plan_for(key, "forward", {"x": x, "gamma": gamma, "beta": beta})
-        ready = self._ready
-        x, gamma, beta = ready(x), ready(gamma), ready(beta)
-        y = _torch().empty_like(x)
-        mean, rstd = self._stats_pair(x, plan.rows)
-        if plan.rows:
-            self._launch(plan, plan.main, x, gamma, beta, eps, y, mean, rstd)
-        return y, mean, rstd
+        return self._launch_for(key, "forward", {"x": x, "gamma": gamma, "beta": beta}).forward(x, gamma, beta, eps)
 
     def _torch_forward_stats(self, x, eps: float):
-        plan = self._plan_for(lambda: ("s", x.shape, x.dtype, x.device), "forward_stats", {"x": x})
-        x = self._ready(x)
-        mean, rstd = self._stats_pair(x, plan.rows)
-        if plan.rows:
-            self._launch(plan, plan.main, x, eps, mean, rstd)
-        return mean, rstd
+        launch = self._launch_for(lambda: ("s", x.shape, x.dtype, x.device), "forward_stats", {"x": x})
+        return launch.forward_stats(x, eps)
 
     def _torch_backward(self, dy, x, mean, rstd, gamma):
         def key():
@@ -350,20 +439,8 @@ class Library:
                 gamma.device,
             )
 
-        plan = self._plan_for(key, "backward", {"dy": dy, "x": x, "mean": mean, "rstd": rstd, "gamma": gamma})
-        torch, ready = _torch(), self._ready
-        dy, x, mean, rstd, gamma = ready(dy), ready(x), ready(mean), ready(rstd), ready(gamma)
-        dx = torch.empty_like(dy)
-        dgamma = torch.empty_like(gamma)  # the parameters' dtype (float32 in a mixed variant)
-        dbeta = torch.empty_like(gamma)
-        if not plan.rows:
-            return dx, dgamma.zero_(), dbeta.zero_()
-        # The fp32 partials from torch's caching allocator, ordered on its current stream (a TVM
-        # allocation would be a cudaMalloc/cudaFree pair, the free waiting for the whole device).
-        parts = self._partials(dy, plan.parts, plan.hidden)
-        self._launch(plan, plan.main, dy, x, mean, rstd, gamma, dx, *parts)
-        self._launch(plan, plan.sum, *parts, dgamma, dbeta)
-        return dx, dgamma, dbeta
+        args = {"dy": dy, "x": x, "mean": mean, "rstd": rstd, "gamma": gamma}
+        return self._launch_for(key, "backward", args).backward(dy, x, mean, rstd, gamma)
 
     # -- numpy and TVM tensors -----------------------------------------------------------------------
     def _host_ready(self, value):

@@ -223,22 +223,75 @@ for _device_type in _AUTOCAST_FP32:
 
 # -- the eager path --------------------------------------------------------------------------------
 class _LayerNormFunction(torch.autograd.Function):
-    """Eager autograd straight to the runner (mean and rstd stay saved for the backward)."""
+    """Eager autograd straight to a checked launcher (lntune.runner.TorchLaunch): x keeps its shape
+    (viewed as rows inside, so autograd records no view nodes), mean and rstd stay saved for the
+    backward. dy arrives in y's shape, dtype and device (autograd's guarantee), any strides."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, lib, affine):
-        y, mean, rstd = lib.forward(x, weight, bias, eps)
+    def forward(ctx, x, weight, bias, eps, launch):
+        y, mean, rstd = launch.forward(x, weight, bias, eps)
         ctx.save_for_backward(x, mean, rstd, weight)
-        ctx.lib, ctx.affine = lib, affine
+        ctx.launch = launch
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, mean, rstd, weight = ctx.saved_tensors
-        dx, dweight, dbias = ctx.lib.backward(dy, x, mean, rstd, weight)
-        if not ctx.affine:
-            dweight = dbias = None
-        return dx, dweight, dbias, None, None, None
+        dx, dweight, dbias = ctx.launch.backward(dy, x, mean, rstd, weight)
+        return dx, dweight, dbias, None, None
+
+
+# Function.apply's Python layer only unwraps functorch wrappers; without functorch transforms
+# active, its C implementation does the same job for a few us less a call.
+_apply_c = super(torch.autograd.function._SingleLevelFunction, _LayerNormFunction).apply
+
+
+def _apply(x, weight, bias, eps: float, launch):
+    if torch._C._are_functorch_transforms_active():
+        return _LayerNormFunction.apply(x, weight, bias, eps, launch)
+    return _apply_c(x, weight, bias, eps, launch)
+
+
+class _Eager:
+    """What a repeated eager call of one key needs: the launcher, the checked eps, and the ones and
+    zeros that stand in for an absent weight or bias."""
+
+    __slots__ = ("launch", "eps", "ones", "zeros")
+
+    def __init__(self, launch, eps: float, ones, zeros) -> None:
+        self.launch, self.eps, self.ones, self.zeros = launch, eps, ones, zeros
+
+
+_EAGER: dict[tuple, _Eager] = {}  # _eager_key -> the checked call
+_MAX_EAGER = 4096
+
+
+def _eager_key(input, normalized_shape, weight, bias, eps, library) -> tuple | None:
+    """Everything the checks of an eager call depend on, or None where a call must take the full
+    path (tensor subclasses, list shapes, CUDA autocast, torch.compile)."""
+    if type(input) is not torch.Tensor or torch.compiler.is_compiling():
+        return None
+    if type(normalized_shape) not in (int, tuple) or (input.is_cuda and torch.is_autocast_enabled("cuda")):
+        return None
+    return (
+        library,
+        normalized_shape,
+        eps,
+        input.shape,
+        input.dtype,
+        input.device,
+        None if weight is None else (weight.shape, weight.dtype, weight.device),
+        None if bias is None else (bias.shape, bias.dtype, bias.device),
+    )
+
+
+def _run(entry: _Eager, input, weight, bias):
+    """Run a checked call: through autograd when a gradient is wanted, else the forward alone."""
+    weight = entry.ones if weight is None else weight
+    bias = entry.zeros if bias is None else bias
+    if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad or bias.requires_grad):
+        return _apply(input, weight, bias, entry.eps, entry.launch)
+    return entry.launch.forward(input, weight, bias, entry.eps)[0]
 
 
 def _hidden(x: torch.Tensor, normalized_shape) -> tuple[int, ...]:
@@ -287,6 +340,15 @@ def layer_norm(
     A variant lntune cannot run (a dtype it has no kernels for, a device without a target, a pinned
     library without it) raises ValueError, or with fallback=True warns and uses torch's kernels.
     """
+    key = _eager_key(input, normalized_shape, weight, bias, eps, library)
+    entry = None if key is None else _EAGER.get(key)
+    if entry is not None:  # checked before: the per-call cost users see in a training step
+        return _run(entry, input, weight, bias)
+    return _layer_norm_checked(input, normalized_shape, weight, bias, eps, library, fallback, key)
+
+
+def _layer_norm_checked(input, normalized_shape, weight, bias, eps, library, fallback: bool, key: tuple | None):
+    """layer_norm with every check; the outcome of an eager call is kept under `key`."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     shape = _hidden(input, normalized_shape)
@@ -294,31 +356,30 @@ def layer_norm(
     x, weight, bias = _autocast(input, weight, bias)
     param_type = weight.dtype if weight is not None else bias.dtype if bias is not None else x.dtype
     dtype, param = _DTYPES.get(x.dtype, str(x.dtype)), _DTYPES.get(param_type, str(param_type))
-    key = _key(library)
+    lib_key = _key(library)
     if weight is not None and bias is not None and weight.dtype != bias.dtype:
         why = f"weight in {weight.dtype} but bias in {bias.dtype}: lntune takes both in one dtype"
     else:
-        why = _unsupported(key, x.device.type, x.device.index or 0, hidden, dtype, param)
+        why = _unsupported(lib_key, x.device.type, x.device.index or 0, hidden, dtype, param)
     if why:
         if not fallback:
             raise ValueError(f"lntune cannot run this layer_norm: {why} (pass fallback=True to use torch's kernels)")
-        warnings.warn(f"lntune: {why}; using torch's layer_norm", stacklevel=2)
+        warnings.warn(f"lntune: {why}; using torch's layer_norm", stacklevel=3)
         return nn.functional.layer_norm(input, shape, weight, bias, eps)
-    affine = weight is not None or bias is not None
     ones, zeros = (None, None) if (weight is not None and bias is not None) else _constants(x, hidden, param_type)
     w = (weight if weight.dim() == 1 else weight.reshape(hidden)) if weight is not None else ones
     b = (bias if bias.dim() == 1 else bias.reshape(hidden)) if bias is not None else zeros
-    rows = x.reshape(-1, hidden)
     if torch.compiler.is_compiling():
-        y = torch.ops.lntune.forward(rows, w, b, float(eps), key)[0]
-    else:
-        lib = _library(key, x.device, hidden, dtype, param)
-        eps = check_eps(eps)
-        if torch.is_grad_enabled() and (rows.requires_grad or w.requires_grad or b.requires_grad):
-            y = _LayerNormFunction.apply(rows, w, b, eps, lib, affine)
-        else:
-            y = lib.forward(rows, w, b, eps)[0]
-    return y.view(x.shape)
+        return torch.ops.lntune.forward(x.reshape(-1, hidden), w, b, float(eps), lib_key)[0].view(x.shape)
+    lib = _library(lib_key, x.device, hidden, dtype, param)
+    with torch.no_grad():  # the checks see x as rows; the call itself takes x as it is
+        launch = lib.torch_launch(x.reshape(-1, hidden), w, b)
+    entry = _Eager(launch, check_eps(eps), ones, zeros)
+    if key is not None:
+        if len(_EAGER) >= _MAX_EAGER:  # shapes that vary without end: start over
+            _EAGER.clear()
+        _EAGER[key] = entry
+    return _run(entry, x, weight, bias)
 
 
 def _autocast(x: torch.Tensor, weight, bias):

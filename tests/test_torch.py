@@ -344,6 +344,63 @@ def test_a_variant_rebuilt_in_the_cache_loads_anew(tmp_path, monkeypatch):
     cut.write_bytes(library.read_bytes()[:4096])
     os.replace(cut, library)  # read_manifest refuses it
     monkeypatch.setattr(lt, "_CHOSEN", {})
+    monkeypatch.setattr(lt, "_EAGER", {})
     monkeypatch.setattr(cache, "_LOADED", {})
     assert torch.equal(LayerNorm(56)(x), first)
     assert library.stat().st_size > 4096
+
+
+def test_eager_calls_are_checked_once_per_input_kind_and_again_when_it_changes(llvm_library, monkeypatch):
+    """The checks of an eager call are kept under its input's shape, dtype and device and its
+    parameters': a repeated call reuses them; a new row count, a module moved to another dtype or a
+    parameter swapped for one of the wrong shape is checked anew (and refused where wrong)."""
+    monkeypatch.setattr(lt, "_EAGER", {})
+    ours = LayerNorm(128, library=llvm_library)
+    x = torch.randn(9, 128)
+    ours(x)
+    ours(torch.randn(9, 128))
+    assert len(lt._EAGER) == 1
+    ours(torch.randn(2, 5, 128))
+    assert len(lt._EAGER) == 2
+    ours.to(torch.bfloat16)
+    y = ours(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and len(lt._EAGER) == 3
+    assert _rel(y, torch.nn.functional.layer_norm(x.double(), (128,))) < TOLERANCE[torch.bfloat16]
+    ours.weight = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="gamma must have shape"):
+        ours(x.bfloat16())
+
+
+@pytest.mark.parametrize("shape", [(6, 128), (2, 3, 128)])
+def test_autograd_records_one_node_and_the_output_can_be_changed_in_place(llvm_library, shape):
+    """x keeps its shape through the call (no view nodes in the graph, which cost host time in every
+    backward), and y is a tensor of its own: modifying it in place works as with torch's."""
+    x = (torch.randn(shape) + 1).requires_grad_()
+    ours, theirs = LayerNorm(128, library=llvm_library), torch.nn.LayerNorm(128)
+    y = ours(x)
+    assert type(y.grad_fn).__name__ == "_LayerNormFunctionBackward"
+    assert type(y.grad_fn.next_functions[0][0]).__name__ == "AccumulateGrad"
+    y.mul_(2).add_(1)
+    (gx,) = torch.autograd.grad(y.sum(), (x,))
+    x64 = x.detach().double().requires_grad_()
+    want = theirs.double()(x64).mul(2).add(1)
+    (want_gx,) = torch.autograd.grad(want.sum(), (x64,))
+    assert _rel(y, want) < 1e-5
+    assert reference.rel_error(gx.double().numpy(), want_gx.numpy()) < 1e-4 or gx.abs().max() < 1e-4
+
+
+def test_multi_axis_parameters_get_gradients_of_their_shape(llvm_library):
+    x = (torch.randn(5, 4, 32) + 2).requires_grad_()
+    ours, theirs = LayerNorm((4, 32), library=llvm_library), torch.nn.LayerNorm((4, 32))
+    with torch.no_grad():
+        ours.weight.normal_()
+        ours.bias.normal_()
+        theirs.load_state_dict(ours.state_dict())
+    dy = torch.randn_like(x)
+    ours(x).backward(dy)
+    x_grad, x.grad = x.grad, None
+    theirs(x).backward(dy)
+    assert ours.weight.grad.shape == (4, 32) and ours.bias.grad.shape == (4, 32)
+    assert _rel(x_grad, x.grad) < 1e-4
+    assert _rel(ours.weight.grad, theirs.weight.grad) < 1e-5
+    assert _rel(ours.bias.grad, theirs.bias.grad) < 1e-5
