@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from lntune.scalars import check_eps
 
@@ -230,15 +231,27 @@ class _LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, launch):
         y, mean, rstd = launch.forward(x, weight, bias, eps)
-        ctx.save_for_backward(x, mean, rstd, weight)
-        ctx.launch = launch
+        # x and weight are the caller's and may be changed in place before the backward: saved, so
+        # autograd notices. mean and rstd are nobody else's: plain attributes cost less to keep.
+        ctx.save_for_backward(x, weight)
+        ctx.launch, ctx.mean, ctx.rstd = launch, mean, rstd
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, mean, rstd, weight = ctx.saved_tensors
-        dx, dweight, dbias = ctx.launch.backward(dy, x, mean, rstd, weight)
-        return dx, dweight, dbias, None, None
+        if torch.is_grad_enabled():  # create_graph=True: these gradients have no gradients of their own
+            return _backward_once_differentiable(ctx, dy)
+        return _backward(ctx, dy)
+
+
+def _backward(ctx, dy):
+    x, weight = ctx.saved_tensors
+    dx, dweight, dbias = ctx.launch.backward(dy, x, ctx.mean, ctx.rstd, weight)
+    return dx, dweight, dbias, None, None
+
+
+# Asked to differentiate them, autograd raises instead of silently taking them as constants.
+_backward_once_differentiable = once_differentiable(_backward)
 
 
 # Function.apply's Python layer only unwraps functorch wrappers; without functorch transforms

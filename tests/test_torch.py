@@ -404,3 +404,17 @@ def test_multi_axis_parameters_get_gradients_of_their_shape(llvm_library):
     assert _rel(x_grad, x.grad) < 1e-4
     assert _rel(ours.weight.grad, theirs.weight.grad) < 1e-5
     assert _rel(ours.bias.grad, theirs.bias.grad) < 1e-5
+
+
+def test_second_derivatives_raise_instead_of_being_wrong(llvm_library):
+    """create_graph=True gives the first derivatives; asking for derivatives of them through
+    lntune's backward (which is not differentiable) raises rather than treating them as constants."""
+    x = (torch.randn(4, 128) + 1).requires_grad_()
+    ours = LayerNorm(128, library=llvm_library)
+    c = torch.randn(4, 128)
+    (gx,) = torch.autograd.grad(((ours(x) * c) ** 2).sum(), (x,), create_graph=True)
+    x64 = x.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(((torch.nn.functional.layer_norm(x64, (128,)) * c.double()) ** 2).sum(), (x64,))
+    assert _rel(gx, want) < 1e-4
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
