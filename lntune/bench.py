@@ -16,10 +16,11 @@ import statistics
 from pathlib import Path
 
 from lntune.runner import STATS_DTYPE, load
+from lntune.timing import ROUNDS, least_of_rounds
 from te_ops import reference
 
 EPS = 1e-5
-WARMUP, REPEATS, ROUNDS = 5, 40, 3
+WARMUP, REPEATS = 5, 40
 CHECK_ROWS = 2048  # rows checked against the float64 reference (the full tensor would take minutes)
 FIELDS = ["device", "date", "impl", "pass", "dtype", "hidden", "rows", "ms", "gbps", "fraction_of_copy", "rel_error"]
 
@@ -200,14 +201,8 @@ def _tolerance(dtype: str, pass_: str) -> float:
 
 def _least_of_rounds(passes: dict, torch) -> dict:
     """ms of each of `passes` (key -> callable): the least of ROUNDS medians (`_time`), the rounds
-    taken in turn over all of them, so that a slow spell of the host or device spoils one round of
-    a pass, not its result. Seen on the H100 before rounds: single cells 20-60 % low in one run and
-    normal in the next, in lntune's rows and the peers' alike (bench/NOTES.md)."""
-    best: dict = {}
-    for _ in range(ROUNDS):
-        for key, fn in passes.items():
-            best[key] = min(best.get(key, float("inf")), _time(fn, torch))
-    return best
+    taken in turn over all of them (`timing.least_of_rounds`)."""
+    return least_of_rounds(lambda fn: _time(fn, torch), passes)
 
 
 def bench_variant(torch, lib, hidden: int, dtype: str, rows: int, peers, copy_gbps: float, meta) -> list[dict]:

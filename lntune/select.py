@@ -19,7 +19,6 @@ import json
 import multiprocessing
 import os
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -30,6 +29,7 @@ import tvm
 
 from lntune.build import kernel_library, kernels_for
 from lntune.inspect import stack_frame_bytes
+from lntune.timing import host_array, median_us, queued_us, relative_distance, run_once
 from schedules import database, spaces
 from schedules.targets import TargetInfo, get_target
 from te_ops.layer_norm import GRANULES, OPS, ROW_GRANULE, Kernel
@@ -44,11 +44,6 @@ AGREEMENT = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 STACK_LIMIT = 512
 
 
-def _host_array(shape: list[int], dtype: str, data: np.ndarray | float) -> np.ndarray:
-    numpy_dtype = __import__("ml_dtypes").bfloat16 if dtype == "bfloat16" else dtype
-    return np.broadcast_to(np.asarray(data, dtype=np.float32), shape).astype(numpy_dtype)
-
-
 def device_arguments(kernel: Kernel, rows: int, device, rng: np.random.Generator) -> list:
     """Device tensors for every parameter of the kernel (eps as a float), non-zero random data."""
     args = []
@@ -60,7 +55,7 @@ def device_arguments(kernel: Kernel, rows: int, device, rng: np.random.Generator
         data = rng.standard_normal(shape, dtype=np.float32) + (3.0 if param.name == "x" else 0.0)
         if param.name == "rstd":
             data = np.abs(data) + 0.5
-        args.append(tvm.runtime.tensor(_host_array(shape, str(param.dtype), data), device))
+        args.append(tvm.runtime.tensor(host_array(shape, str(param.dtype), data), device))
     return args
 
 
@@ -77,12 +72,7 @@ def output_positions(kernel: Kernel) -> list[int]:
 
 def time_us(kernel: Kernel, target: TargetInfo, knobs: dict, args: list, device) -> float:
     """Median microseconds of the exported kernel with these knobs (compiled here)."""
-    return _median_us(kernel_library(kernel, target, knobs).mod, kernel.name, args, device)
-
-
-def _median_us(module, name: str, args: list, device) -> float:
-    timer = module.time_evaluator(name, device, number=20, repeat=5)
-    return float(np.median(timer(*args).results)) * 1e6
+    return median_us(kernel_library(kernel, target, knobs).mod, kernel.name, args, device)
 
 
 def candidates(
@@ -162,36 +152,6 @@ def _build_all(target: TargetInfo, plan: dict[Kernel, dict[str, dict]], folder: 
     return built
 
 
-def _relative_distance(got: np.ndarray, want: np.ndarray) -> float:
-    got, want = got.astype(np.float64), want.astype(np.float64)
-    scale = float(np.linalg.norm(want)) or 1.0
-    return float(np.linalg.norm(got - want)) / scale  # NaN (an unwritten element) stays NaN
-
-
-def _run_once(module, name: str, args: list, outputs: list[int]) -> list[np.ndarray]:
-    """Run on NaN-poisoned outputs and return them; an element the kernel skipped stays NaN."""
-    for index in outputs:
-        shape, dtype = list(args[index].shape), str(args[index].dtype)
-        args[index].copyfrom(_host_array(shape, dtype, np.nan))
-    module[name](*args)
-    return [args[index].numpy() for index in outputs]
-
-
-def _queued_us(calls, device, number: int = 20, repeat: int = 5) -> float:
-    """Median us of one round of `calls`, `number` rounds queued back to back, by the host's clock
-    between device syncs (the device's time where, as for a backward, it exceeds the host's)."""
-    rounds = []
-    for _ in range(repeat):
-        device.sync()
-        start = time.perf_counter()
-        for _ in range(number):
-            for call in calls:
-                call()
-        device.sync()
-        rounds.append((time.perf_counter() - start) / number)
-    return float(np.median(rounds)) * 1e6
-
-
 def _after_backward(
     sum_kernel: Kernel, sum_args: list, backward_path: str, rows: int, device, rng
 ) -> tuple[list, Callable[[], object]]:
@@ -221,11 +181,11 @@ def _measure(
     reference, times = None, {}
     if backward_path:
         pair_args, backward = _after_backward(kernel, args, backward_path, rows, device, rng)
-        alone = _queued_us([backward], device)
+        alone = queued_us([backward], device)
     for label, path in paths.items():
         module = tvm.runtime.load_module(path)
         try:
-            results = _run_once(module, kernel.name, args, outputs)
+            results = run_once(module, kernel.name, args, outputs)
         except Exception as err:  # noqa: BLE001 (a launch the device refuses, e.g. too much shared memory)
             if reference is None:
                 raise
@@ -233,15 +193,15 @@ def _measure(
             continue
         if reference is None:
             reference = results
-        distance = max(_relative_distance(g, w) for g, w in zip(results, reference, strict=True))
+        distance = max(relative_distance(g, w) for g, w in zip(results, reference, strict=True))
         if not distance <= AGREEMENT[kernel.dtype]:
             log(f"{kernel.name} {label}: left out, outputs differ from the reference's by {distance:.2e}")
             continue
         if backward_path:
             function = module[kernel.name]
-            times[label] = _queued_us([backward, lambda f=function: f(*pair_args)], device) - alone
+            times[label] = queued_us([backward, lambda f=function: f(*pair_args)], device) - alone
         else:
-            times[label] = _median_us(module, kernel.name, args, device)
+            times[label] = median_us(module, kernel.name, args, device)
     return times
 
 
