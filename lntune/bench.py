@@ -31,8 +31,8 @@ def _time(fn, torch) -> float:
     The calls are queued back to back, as a training step queues them, and each event pair brackets
     one call's work on the device. The host's cost of launching (Python, argument conversion) counts
     only where it exceeds the device time, since the device then waits for it: the same rule for
-    every implementation. (Until 2026-11-25 each call waited for the previous one, which added its
-    launch latency, ~5-15 us, to every implementation's time.)
+    every implementation. (Waiting for each call instead adds every implementation's launch latency
+    to its time: docs/performance.md, section 1.)
     """
     for _ in range(WARMUP):
         fn()

@@ -39,8 +39,8 @@ SELECTION = "selection.json"
 AGREEMENT = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 # Bytes a thread of stack frame (local memory: a row cache ptxas could not keep in registers) past
 # which a CUDA candidate is left out. The driver reserves the frame for every thread that can be
-# resident: 512 bytes is 138 MB on an H100, and two winners of 8 and 20 KB (bench/NOTES.md) would
-# have reserved gigabytes, a cost the timing does not see. Spills of a few registers stay below.
+# resident: 512 bytes is 138 MB on an H100, and two winners of 8 and 20 KB (docs/performance.md,
+# section 4) would have reserved gigabytes, a cost the timing does not see. Spills of a few registers stay below.
 STACK_LIMIT = 512
 
 
@@ -174,8 +174,8 @@ def _measure(
     With `backward_path` (a partials sum's), each candidate is timed right after that backward, on
     the partials it just wrote, as the two run in lntune; the time is the pair's less the
     backward's alone. Timed alone, a sum reads partials that earlier calls left in L2 and skips the
-    launch behind a kernel: a new split ran 0.7 us faster alone but 4.4 us faster in the pair
-    (bfloat16 N = 1024, bench/NOTES.md)."""
+    launch behind a kernel, so alone and in the pair rank splits differently (docs/performance.md,
+    section 3)."""
     args = device_arguments(kernel, rows, device, rng)
     outputs = output_positions(kernel)
     reference, times = None, {}
@@ -417,7 +417,8 @@ def parse_chunking(label: str) -> tuple[int, int]:
 # smallest M the issue asks about), where the fastest of them wins. Timed at one M (about 2**26
 # elements), a block of 128 threads won bfloat16 N = 4096 by 1 % and was then 0.72x ATen at
 # M = 1024, where 512 threads had been 1.32x: with P fixed, the threads of a block are all the
-# parallelism a small M has (bench/NOTES.md). Without small-M timings the most threads win a tie.
+# parallelism a small M has (docs/performance.md, section 1). Without small-M timings the most
+# threads win a tie.
 TIE = 0.02
 SMALL_ROWS = 1024
 
