@@ -54,17 +54,15 @@ def test_median_us_and_queued_us_time_on_the_cpu():
 
 
 def test_least_of_rounds_takes_rounds_in_turn_and_keeps_each_least():
-    """A slow spell spoils one round of one item, not its result."""
-    calls = []
-    spells = {("a", 0): 9.0, ("b", 1): 7.0}
+    """Every item once a round, in order; each keeps its least value; keys are any hashable (bench
+    keys its passes by (implementation, pass))."""
+    seen, values = [], iter([5.0, 3.0, 4.0, 1.0, 2.0, 6.0])
 
     def measure(fn):
-        name = fn()
-        round_ = calls.count(name)
-        calls.append(name)
-        return spells.get((name, round_), 1.0 + 0.1 * round_)
+        seen.append(fn())
+        return next(values)
 
-    best = timing.least_of_rounds(measure, {"a": lambda: "a", "b": lambda: "b"})
-    assert best == {"a": 1.1, "b": 1.0}
-    assert calls == ["a", "b"] * timing.ROUNDS
-    assert timing.least_of_rounds(lambda fn: fn(), {"c": lambda: 2.0}, rounds=1) == {"c": 2.0}
+    items = {("x", "forward"): lambda: "x", ("y", "backward"): lambda: "y"}
+    assert timing.least_of_rounds(measure, items, rounds=3) == {("x", "forward"): 2.0, ("y", "backward"): 1.0}
+    assert seen == ["x", "y"] * 3
+    assert timing.ROUNDS == 3 and timing.least_of_rounds(lambda fn: fn(), {"c": lambda: 2.0}, rounds=1) == {"c": 2.0}
