@@ -1,7 +1,7 @@
 #!/bin/bash
 # One GPU-host tuning round: tune kernels for cuda-sm90 into tuning_logs/cuda-sm90 (resuming from the
 # records already there) and copy the database to $OUT. Stops tuning at the time budget and still
-# copies what was measured. Run after `. /tmp/tvm_site/env.sh` (see ../shared/device/README.md).
+# copies what was measured. Run after `. /tmp/tvm_site/env.sh` (bench/device_bundle.sh says how TVM gets there).
 #   usage: bash bench/tune_job.sh HIDDEN DTYPES OPS TRIALS [SECONDS]
 set -uo pipefail
 HIDDEN=$1 DTYPES=$2 OPS=$3 TRIALS=$4 SECONDS_BUDGET=${5:-500}

@@ -16,10 +16,11 @@ import statistics
 from pathlib import Path
 
 from lntune.runner import STATS_DTYPE, load
+from lntune.timing import ROUNDS, least_of_rounds
 from te_ops import reference
 
 EPS = 1e-5
-WARMUP, REPEATS, ROUNDS = 5, 40, 3
+WARMUP, REPEATS = 5, 40
 CHECK_ROWS = 2048  # rows checked against the float64 reference (the full tensor would take minutes)
 FIELDS = ["device", "date", "impl", "pass", "dtype", "hidden", "rows", "ms", "gbps", "fraction_of_copy", "rel_error"]
 
@@ -30,8 +31,8 @@ def _time(fn, torch) -> float:
     The calls are queued back to back, as a training step queues them, and each event pair brackets
     one call's work on the device. The host's cost of launching (Python, argument conversion) counts
     only where it exceeds the device time, since the device then waits for it: the same rule for
-    every implementation. (Until 2026-11-25 each call waited for the previous one, which added its
-    launch latency, ~5-15 us, to every implementation's time.)
+    every implementation. (Waiting for each call instead adds every implementation's launch latency
+    to its time: docs/performance.md, section 1.)
     """
     for _ in range(WARMUP):
         fn()
@@ -200,14 +201,8 @@ def _tolerance(dtype: str, pass_: str) -> float:
 
 def _least_of_rounds(passes: dict, torch) -> dict:
     """ms of each of `passes` (key -> callable): the least of ROUNDS medians (`_time`), the rounds
-    taken in turn over all of them, so that a slow spell of the host or device spoils one round of
-    a pass, not its result. Seen on the H100 before rounds: single cells 20-60 % low in one run and
-    normal in the next, in lntune's rows and the peers' alike (bench/NOTES.md)."""
-    best: dict = {}
-    for _ in range(ROUNDS):
-        for key, fn in passes.items():
-            best[key] = min(best.get(key, float("inf")), _time(fn, torch))
-    return best
+    taken in turn over all of them (`timing.least_of_rounds`)."""
+    return least_of_rounds(lambda fn: _time(fn, torch), passes)
 
 
 def bench_variant(torch, lib, hidden: int, dtype: str, rows: int, peers, copy_gbps: float, meta) -> list[dict]:

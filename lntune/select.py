@@ -19,7 +19,6 @@ import json
 import multiprocessing
 import os
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -30,6 +29,7 @@ import tvm
 
 from lntune.build import kernel_library, kernels_for
 from lntune.inspect import stack_frame_bytes
+from lntune.timing import host_array, median_us, queued_us, relative_distance, run_once
 from schedules import database, spaces
 from schedules.targets import TargetInfo, get_target
 from te_ops.layer_norm import GRANULES, OPS, ROW_GRANULE, Kernel
@@ -39,14 +39,9 @@ SELECTION = "selection.json"
 AGREEMENT = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 # Bytes a thread of stack frame (local memory: a row cache ptxas could not keep in registers) past
 # which a CUDA candidate is left out. The driver reserves the frame for every thread that can be
-# resident: 512 bytes is 138 MB on an H100, and two winners of 8 and 20 KB (bench/NOTES.md) would
-# have reserved gigabytes, a cost the timing does not see. Spills of a few registers stay below.
+# resident: 512 bytes is 138 MB on an H100, and two winners of 8 and 20 KB (docs/performance.md,
+# section 4) would have reserved gigabytes, a cost the timing does not see. Spills of a few registers stay below.
 STACK_LIMIT = 512
-
-
-def _host_array(shape: list[int], dtype: str, data: np.ndarray | float) -> np.ndarray:
-    numpy_dtype = __import__("ml_dtypes").bfloat16 if dtype == "bfloat16" else dtype
-    return np.broadcast_to(np.asarray(data, dtype=np.float32), shape).astype(numpy_dtype)
 
 
 def device_arguments(kernel: Kernel, rows: int, device, rng: np.random.Generator) -> list:
@@ -60,7 +55,7 @@ def device_arguments(kernel: Kernel, rows: int, device, rng: np.random.Generator
         data = rng.standard_normal(shape, dtype=np.float32) + (3.0 if param.name == "x" else 0.0)
         if param.name == "rstd":
             data = np.abs(data) + 0.5
-        args.append(tvm.runtime.tensor(_host_array(shape, str(param.dtype), data), device))
+        args.append(tvm.runtime.tensor(host_array(shape, str(param.dtype), data), device))
     return args
 
 
@@ -77,12 +72,7 @@ def output_positions(kernel: Kernel) -> list[int]:
 
 def time_us(kernel: Kernel, target: TargetInfo, knobs: dict, args: list, device) -> float:
     """Median microseconds of the exported kernel with these knobs (compiled here)."""
-    return _median_us(kernel_library(kernel, target, knobs).mod, kernel.name, args, device)
-
-
-def _median_us(module, name: str, args: list, device) -> float:
-    timer = module.time_evaluator(name, device, number=20, repeat=5)
-    return float(np.median(timer(*args).results)) * 1e6
+    return median_us(kernel_library(kernel, target, knobs).mod, kernel.name, args, device)
 
 
 def candidates(
@@ -162,36 +152,6 @@ def _build_all(target: TargetInfo, plan: dict[Kernel, dict[str, dict]], folder: 
     return built
 
 
-def _relative_distance(got: np.ndarray, want: np.ndarray) -> float:
-    got, want = got.astype(np.float64), want.astype(np.float64)
-    scale = float(np.linalg.norm(want)) or 1.0
-    return float(np.linalg.norm(got - want)) / scale  # NaN (an unwritten element) stays NaN
-
-
-def _run_once(module, name: str, args: list, outputs: list[int]) -> list[np.ndarray]:
-    """Run on NaN-poisoned outputs and return them; an element the kernel skipped stays NaN."""
-    for index in outputs:
-        shape, dtype = list(args[index].shape), str(args[index].dtype)
-        args[index].copyfrom(_host_array(shape, dtype, np.nan))
-    module[name](*args)
-    return [args[index].numpy() for index in outputs]
-
-
-def _queued_us(calls, device, number: int = 20, repeat: int = 5) -> float:
-    """Median us of one round of `calls`, `number` rounds queued back to back, by the host's clock
-    between device syncs (the device's time where, as for a backward, it exceeds the host's)."""
-    rounds = []
-    for _ in range(repeat):
-        device.sync()
-        start = time.perf_counter()
-        for _ in range(number):
-            for call in calls:
-                call()
-        device.sync()
-        rounds.append((time.perf_counter() - start) / number)
-    return float(np.median(rounds)) * 1e6
-
-
 def _after_backward(
     sum_kernel: Kernel, sum_args: list, backward_path: str, rows: int, device, rng
 ) -> tuple[list, Callable[[], object]]:
@@ -214,18 +174,18 @@ def _measure(
     With `backward_path` (a partials sum's), each candidate is timed right after that backward, on
     the partials it just wrote, as the two run in lntune; the time is the pair's less the
     backward's alone. Timed alone, a sum reads partials that earlier calls left in L2 and skips the
-    launch behind a kernel: a new split ran 0.7 us faster alone but 4.4 us faster in the pair
-    (bfloat16 N = 1024, bench/NOTES.md)."""
+    launch behind a kernel, so alone and in the pair rank splits differently (docs/performance.md,
+    section 3)."""
     args = device_arguments(kernel, rows, device, rng)
     outputs = output_positions(kernel)
     reference, times = None, {}
     if backward_path:
         pair_args, backward = _after_backward(kernel, args, backward_path, rows, device, rng)
-        alone = _queued_us([backward], device)
+        alone = queued_us([backward], device)
     for label, path in paths.items():
         module = tvm.runtime.load_module(path)
         try:
-            results = _run_once(module, kernel.name, args, outputs)
+            results = run_once(module, kernel.name, args, outputs)
         except Exception as err:  # noqa: BLE001 (a launch the device refuses, e.g. too much shared memory)
             if reference is None:
                 raise
@@ -233,15 +193,15 @@ def _measure(
             continue
         if reference is None:
             reference = results
-        distance = max(_relative_distance(g, w) for g, w in zip(results, reference, strict=True))
+        distance = max(relative_distance(g, w) for g, w in zip(results, reference, strict=True))
         if not distance <= AGREEMENT[kernel.dtype]:
             log(f"{kernel.name} {label}: left out, outputs differ from the reference's by {distance:.2e}")
             continue
         if backward_path:
             function = module[kernel.name]
-            times[label] = _queued_us([backward, lambda f=function: f(*pair_args)], device) - alone
+            times[label] = queued_us([backward, lambda f=function: f(*pair_args)], device) - alone
         else:
-            times[label] = _median_us(module, kernel.name, args, device)
+            times[label] = median_us(module, kernel.name, args, device)
     return times
 
 
@@ -457,7 +417,8 @@ def parse_chunking(label: str) -> tuple[int, int]:
 # smallest M the issue asks about), where the fastest of them wins. Timed at one M (about 2**26
 # elements), a block of 128 threads won bfloat16 N = 4096 by 1 % and was then 0.72x ATen at
 # M = 1024, where 512 threads had been 1.32x: with P fixed, the threads of a block are all the
-# parallelism a small M has (bench/NOTES.md). Without small-M timings the most threads win a tie.
+# parallelism a small M has (docs/performance.md, section 1). Without small-M timings the most
+# threads win a tie.
 TIE = 0.02
 SMALL_ROWS = 1024
 

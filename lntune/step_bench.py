@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lntune import files
+from lntune.timing import ROUNDS, least_of_rounds
 from te_ops import reference
 
 EPS = 1e-5
@@ -45,7 +46,7 @@ CONFIGS = {  # name -> (x and dy dtype, parameter dtype)
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 DEFAULT_CONFIGS = ("bf16", "fp32", "bf16-fp32params")
 DEFAULT_SHAPES = ((2048, 768), (4096, 1024), (8192, 2048), (8192, 4096), (16384, 8192), (4096, 16384))
-ROUNDS, BATCHES, WARMUP = 3, 5, 2
+BATCHES, WARMUP = 5, 2
 HOST_STEPS = 200
 HOST_BOUND = 0.9  # device step time at least this fraction of the host time: the device may have set the pace
 DEFAULT_L2_BYTES = 50 * 2**20  # H100; used where the device does not report its L2
@@ -166,16 +167,6 @@ class Clock:
         elapsed = time.perf_counter() - start
         self.sync()
         return elapsed * 1e3 / count
-
-
-def least_of_rounds(measure: Callable[[Callable], float], steps: dict[str, Callable]) -> dict[str, float]:
-    """The least of ROUNDS measurements of each step, the rounds taken in turn over all of them (fair
-    against clock drift and slow spells, which then spoil one round of one implementation)."""
-    best: dict[str, float] = {}
-    for _ in range(ROUNDS):
-        for name, fn in steps.items():
-            best[name] = min(best.get(name, math.inf), measure(fn))
-    return best
 
 
 def copy_gbps(clock: Clock) -> float:

@@ -2,7 +2,7 @@
 
 Two paths reach the same compiled kernels:
 - eager: a `torch.autograd.Function` calls the runner's cached launch plans directly (no dispatcher,
-  no custom-op Python layer: that cost ~370 us a call on the H100 host);
+  no custom-op Python layer, which cost more than the kernels: docs/performance.md, section 14);
 - torch.compile: the operators `lntune::forward` / `lntune::backward`, defined with torch.library
   (fake kernels for shape propagation, an autograd formula and an autocast rule), which the graph
   holds as opaque calls; M stays symbolic, so varying batch or sequence lengths do not recompile

@@ -42,7 +42,7 @@ INDEPENDENT = ("dgamma_part_update", "dbeta_part_update")
 # Both protocols push, not pull: thread 0 of each block sends its two sums into the partner's
 # slot (rel % 2, `rel` the row's position in the block's chunk) and the partner's threads wait in
 # their own shared memory, so a block waits for its partner's sums only, not for all of its
-# threads as a cluster barrier a row did (1-1.5 us a row, bench/NOTES.md). A slot is rewritten
+# threads as a cluster barrier a row did (docs/performance.md, section 7). A slot is rewritten
 # two rows on, only after the writer collected the row between, which the reader sent after its
 # allreduce barrier, so after all its threads read the slot. Both start and end every block with
 # a cluster barrier (nothing is sent before the partner initialised its slots, and no block
@@ -63,7 +63,7 @@ __device__ __forceinline__ void lntune_cluster_barrier() {
 # the bytes may land first, the count going negative meanwhile). No thread still waits on a phase
 # when its barrier completes the next phase, for the reason a slot is not overwritten early.
 # No fence: on the H100 it took the 16-bit N = 16384 backward from 219.8 to 190.0 us (bfloat16),
-# as fast as no exchange at all (bench/experiments/cluster_cost.py).
+# as fast as no exchange at all (docs/performance.md, section 7).
 _COUNTED = (
     """
 __device__ __forceinline__ float2* lntune_cluster_counted_slots() {
@@ -415,7 +415,7 @@ def exchange_warp_partials(code: str) -> str:
     both. H100, backward alone, the 16-bit N = 16384 kernels with two-row chunks: 157.6 -> 156.3 us
     (bfloat16), 157.6 -> 156.4 (float16); with today's single-row chunks 153.4 either way
     (bfloat16), 153.2 -> 152.8 (float16); outputs within 1.2e-5 of the counted exchange's, bitwise
-    equal from run to run (bench/NOTES.md)."""
+    equal from run to run (docs/performance.md, section 7)."""
     publishes = code.count("lntune_cluster_publish_counted(((volatile")
 
     def exchange(m: re.Match) -> str:

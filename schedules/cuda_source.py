@@ -29,7 +29,7 @@ def pack_conversions(code: str) -> str:
     """Convert float4 -> 4 x 16-bit in two round-to-nearest pairs instead of four casts.
 
     From four separate 16-bit values NVVM stored a row of dx as four 4-byte stores in cluster
-    kernels (`st.global.v2.u16`, bench/NOTES.md); from pairs it keeps one 16-byte store."""
+    kernels (`st.global.v2.u16`, docs/performance.md, section 8); from pairs it keeps one 16-byte store."""
 
     def pairs(m: re.Match) -> str:
         pair, convert = _PAIR[m["type"]]
@@ -67,7 +67,7 @@ def whole_vector_stores(code: str) -> str:
     From the assignment NVVM wrote some 16-bit row stores as four 4-byte `st.global.u32`: the dx
     rows of the cluster kernels (N = 16384) and y in the forward at N = 768 and 1024 (PTX from
     nvcc 13.0), four times the store instructions of a kernel that is issue-bound
-    (bench/NOTES.md)."""
+    (docs/performance.md, section 8)."""
     pointers = _global_pointers(code)
 
     def whole(line: str) -> str:
@@ -89,7 +89,7 @@ def add(rewrite: Callable[[str], str]) -> None:
 @contextmanager
 def without(name: str) -> Iterator[None]:
     """Build without the rewrite called `name` inside the block (an A/B of one rewrite:
-    bench/experiments/post_pass.py; tests of what TVM emits before it)."""
+    a kernel timed without it; tests of what TVM emits before it)."""
     rewrite = next((r for r in _REWRITES if r.__name__ == name), None)
     if rewrite is None:
         raise ValueError(f"no CUDA source rewrite named {name!r}; registered: {[r.__name__ for r in _REWRITES]}")

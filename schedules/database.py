@@ -492,8 +492,8 @@ def _knobs_of(kernel: Kernel, target: TargetInfo, decisions: tuple[int, ...], st
     return replay.used
 
 
-# The sum is launched as a programmatic dependent of the backward: 1.3-1.5 us less a pair on the
-# H100. The backward does not allow it early: that cost up to 6 us (bench/NOTES.md, session 10).
+# The sum is launched as a programmatic dependent of the backward, which shortens the pair on the
+# H100; the backward does not allow it early, which lengthened it (docs/performance.md, section 9).
 LAUNCH_ROLES = {"backward_sum": "dependent"}
 
 

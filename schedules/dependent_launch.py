@@ -4,13 +4,13 @@ Launched the ordinary way, the sum's launch is processed only after the backward
 finished. Launched as a programmatic dependent (CUDA's programmatic-stream-serialization launch
 attribute), it may be launched as the backward's blocks exit, before the grid's completion is
 signalled; its threads wait for the backward's grid to complete and its writes to be visible
-(`griddepcontrol.wait`) before they read a partial. Measured on the H100 (bench/experiments/
-dependent_launch.py): 1.3-1.5 us less per backward + sum, outputs bitwise equal.
+(`griddepcontrol.wait`) before they read a partial. On the H100 that shortened every backward +
+sum measured, outputs bitwise equal (docs/performance.md, section 9).
 
 A primary may also allow the launch earlier (`griddepcontrol.launch_dependents`, role "primary"):
-from the start of the backward's blocks it cost up to 6 us a pair (9 in a first run; not
-understood, the sum's waiting blocks then sit on SMs the backward still runs on), so lntune does
-not use it; the experiment still builds it. Without a dependency (the sum called on its own, or
+from the start of the backward's blocks it made the pair slower (not understood; perhaps the
+sum's waiting blocks then sit on SMs the backward still runs on), so lntune does not use it; the
+role can still be built. Without a dependency (the sum called on its own, or
 after any other kernel) the wait returns at once.
 
 Two places carry it: the kernels' bodies (`with_dependency`, in TIR, at the top of the outermost

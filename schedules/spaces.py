@@ -277,7 +277,7 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     for the partial accumulators at large N. `cache_gamma` keeps this thread's slice of gamma in
     registers for the whole chunk; 2 (CUDA, with stage_rows 2) widens it to fp32 once a block into
     shared memory instead: the 16-bit cluster halves at N = 16384 have no registers to spare for it
-    (re-read, it cost 10 global loads and 16 conversions a row: 164.4 -> 159.5 us on the H100).
+    (re-read, it cost 10 global loads and 16 conversions a row; docs/performance.md, section 5).
     `rows_per_step` rows are loaded before the first is reduced, and
     `explicit_unroll` says whether TVM or nvcc unrolls. `shared_acc` (CUDA) keeps the dgamma/dbeta
     accumulators in dynamic shared memory instead of registers: at N = 16384 they are 128 KB a
@@ -289,22 +289,23 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     recomputed, for fewer registers.
     `threads_per_sm` (CUDA) asks ptxas, through __launch_bounds__, to keep the registers per thread
     low enough for that many resident threads: left alone it gave most 16-bit kernels 128
-    registers, 512 threads an SM (1024 measured up to 4 % faster).
+    registers, 512 threads an SM (1024 won most 16-bit kernels; docs/performance.md, section 4).
     `prefetch` (CUDA, with cached rows) copies the x and dy rows of the step `prefetch` steps ahead
     into shared memory with cp.async while this step reduces and writes: without it a block's
     loads wait for its own row barriers, and 16-bit rows (half the bytes a barrier) kept DRAM at
-    ~63 % busy (Nsight Compute, bench/NOTES.md).
+    ~63 % busy (Nsight Compute; docs/performance.md, section 6).
     `private_copies` (with prefetch) builds the kernel without the pipeline's own two block barriers
     a step (schedules.private_copies; each thread reads back only the rows it copied). On the H100
-    it saved 2-3 us at 16-bit N = 8192 and cost 2-6 us at N = 4096, so it is measured, not ruled.
+    it was faster at 16-bit N = 8192 and slower at N = 4096 (docs/performance.md, section 6), so it
+    is measured, not ruled.
     `row_scalars` (not ROCm yet) keeps the row's c1/N and c2/N (stage "crow") in two registers per
     thread. Inlined, every element re-reads the allreduce's result, which TVM declares volatile
     shared memory, so nvcc can neither keep it in a register nor share the scaling: two shared
     loads and two multiplies an element (54 of 884 PTX instructions, bfloat16 N = 4096).
     `cluster` (2; CUDA sm_90+) splits every row's columns over the two blocks of a thread-block
     cluster (schedules.cluster): each block caches, reduces, writes dx and accumulates partials for
-    its half, and the row sums meet through distributed shared memory. At N = 16384 on the H100
-    it took the 16-bit backward from 0.54 to 0.73-0.78 of copy bandwidth, float32 from 0.76 to 0.87.
+    its half, and the row sums meet through distributed shared memory: at N = 16384 one block a
+    row has registers for one row in flight only (docs/performance.md, section 7).
     """
     gpu = target.is_gpu
     vec = vector_width(kernel, target)
@@ -604,8 +605,9 @@ def default_knobs(kernel: Kernel, target: TargetInfo) -> dict[str, int]:
         return {"cache_rows": 1, "cache_gamma": 1, "chunked": 1, "rows_per_step": 1}
     if kernel.op == "backward_sum":
         # Measured on the H100 over every split (lntune select, 2026-11-26): 32 columns a block with
-        # P split over 8 lanes (N <= 4096) or 4 (longer rows, more blocks already) took 3.8-7.0 us
-        # where the previous rule (32 x 32 lanes, or 256 columns x 1 lane past 4096) took 7.6-14.
+        # P split over 8 lanes (N <= 4096) or 4 (longer rows, more blocks already) took half the time
+        # of the previous rule (32 x 32 lanes, or 256 columns x 1 lane past 4096; docs/performance.md,
+        # section 3).
         return {"threads": 32, "lanes": 8 if kernel.hidden <= 4096 else 4, "unroll": 64}
     if kernel.op in ("forward", "forward_stats"):
         cands = thread_candidates(kernel, target)
@@ -643,8 +645,8 @@ def _backward_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[d
     and who unrolls (TVM or nvcc; two rows a step only with nvcc, see one_pass_backward); from 8192
     columns also rows re-read instead of cached, and dgamma/dbeta accumulated in shared memory.
     Then occupancy requests, staged rows and prefetching over those, and per-row scalars.
-    Measured on the H100 (bench/NOTES.md), neighbours here differed by up to 3x, for register and
-    local-memory reasons that a rule does not predict.
+    Measured on the H100, neighbours here differed by up to 3x, for register and local-memory
+    reasons that a rule does not predict (docs/performance.md, section 4).
     """
     rule = default_knobs(kernel, target)
     found = [{**base, "explicit_unroll": 0}]
@@ -669,8 +671,8 @@ def _backward_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[d
         ahead = _prefetchable(kernel, target, [{**k, "prefetch": depth} for k in cached])
         found += ahead + _occupied(kernel, ahead)
     # Per-row scalars on every unstaged variant so far: added to the choices of the day they won
-    # 7 of 21 kernels by 2-3 % and tied 8; they lost 1-4 % at four and 7 % and 46 % beside staged
-    # rows (select-rowscalars, bench/NOTES.md).
+    # 7 of 21 kernels by 2-3 % and tied 8; they lost 1-4 % at four, and beside staged rows
+    # (docs/performance.md, section 5).
     found += [{**k, "row_scalars": 1} for k in found if not k["stage_rows"]]
     # Staged rows prefetched, with and without per-row scalars: staging converts each 16-bit
     # element once instead of in every block that uses it (848 -> 725 PTX instructions for
@@ -690,10 +692,10 @@ def _backward_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[d
     found += [{**k, "private_copies": 1} for k in found if k.get("prefetch")]
     # Staged cluster halves with gamma re-read instead of kept in registers: at 64 registers the
     # kept fp32 gamma made ptxas spill in every row (Nsight Compute: 2 local loads and stores a row
-    # a warp, long-scoreboard stalls x2.4, bfloat16 N = 16384; bench/NOTES.md).
+    # a warp, long-scoreboard stalls x2.4, bfloat16 N = 16384; docs/performance.md, section 5).
     found += [{**k, "cache_gamma": 0} for k in found if k.get("cluster") and k.get("stage_rows")]
-    # And with gamma widened once a block into shared memory: at 16-bit N = 16384 this took the
-    # halves from 164.4 to 159.5 us, at N = 8192 (no cluster, registers to spare) it cost 5 us.
+    # And with gamma widened once a block into shared memory: at 16-bit N = 16384 the halves ran
+    # faster so, at N = 8192 (no cluster, registers to spare) slower (docs/performance.md, section 5).
     shared_gamma = [{**k, "cache_gamma": GAMMA_SHARED} for k in found if k.get("cluster") and k.get("stage_rows") == 2]
     found += _prefetchable(kernel, target, shared_gamma)
     unique = [base]
@@ -707,8 +709,8 @@ def _cluster_variants(kernel: Kernel, target: TargetInfo, rule: dict) -> list[di
     """Rows split over a 2-block cluster (one_pass_backward's `cluster`): the layouts above over
     half the columns, with row scalars (where it is made, the two halves' sums meet in registers),
     rows cached or re-read, accumulators in registers or shared memory, and prefetched 1 or 2 steps
-    ahead. At N = 16384 on the H100 512-thread halves won (bench/NOTES.md); neighbours differed
-    by up to 2.4x (float32)."""
+    ahead. At N = 16384 on the H100 1024-thread halves won in 16-bit and 512-thread ones in float32;
+    neighbours differed by up to 2.4x (float32; docs/performance.md, section 7)."""
     if not clusterable(kernel, target):
         return []
     half = _block_kernel(kernel, cluster.SIZE)
@@ -733,8 +735,8 @@ def _cluster_variants(kernel: Kernel, target: TargetInfo, rule: dict) -> list[di
     cached = [k for k in layouts if k["cache_rows"]]
     ahead = _prefetchable(kernel, target, [{**k, "prefetch": depth} for k in cached for depth in PREFETCH[1:]])
     # Two blocks an SM asked of ptxas even where registers_needed says they spill (64 registers
-    # for 512 threads). Timed on the H100 at 16-bit N = 16384: 241-761 us against 173-184 for
-    # the best cluster layouts; they stay in the grid only so later labels keep their numbers.
+    # for 512 threads). Timed on the H100 at 16-bit N = 16384 they were 1.3-4.4x slower than the
+    # best cluster layouts; they stay in the grid only so later labels keep their numbers.
     paired = [
         {**k, "threads_per_sm": 2 * k["threads"]}
         for k in layouts + ahead
@@ -818,9 +820,9 @@ def _is_later_split(split: tuple[int, int]) -> bool:
 def _sum_variants(kernel: Kernel, target: TargetInfo, base: dict) -> list[dict[str, int]]:
     """Every columns x lanes split of a partials sum that fits a block (the rule's is one of them).
 
-    The sum moves 2·P·N·4 bytes, a few us of a 150-350 us backward, yet measured 4-24 us: the best
-    split depends on N and P (bench/NOTES.md). The first grid's splits come first, so their labels
-    stay what committed selections say.
+    The sum moves 2·P·N·4 bytes, little beside the backward's rows, yet its time varied several-fold
+    over the splits, and the best split depends on N and P (docs/performance.md, section 3). The
+    first grid's splits come first, so their labels stay what committed selections say.
     """
     splits = sorted(((c, lanes) for c in SUM_COLUMNS for lanes in SUM_LANES), key=_is_later_split)
     return [

@@ -1,6 +1,6 @@
 """The backward's row split over a 2-block cluster (schedules.cluster), checked where CI can: the
 schedule, the rewritten exchange and the CUDA source. It runs on the H100 only (lntune select,
-lntune check, bench/experiments/cluster_probe.py)."""
+lntune check, lntune bench; docs/performance.md, section 7)."""
 
 from __future__ import annotations
 

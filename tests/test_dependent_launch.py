@@ -1,6 +1,6 @@
 """The partials sum launched as a programmatic dependent of the backward (schedules.dependent_launch),
 checked where CI can: the kernels' CUDA source and the launch flags a built library carries. Whether
-the overlap pays is measured on the H100 (bench/experiments/dependent_launch.py)."""
+the overlap pays was measured on the H100 (docs/performance.md, section 9)."""
 
 from __future__ import annotations
 

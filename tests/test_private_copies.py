@@ -1,6 +1,6 @@
 """A prefetching backward built without its software pipeline's own block barriers
 (schedules.private_copies), checked where CI can: the lowered kernels and their CUDA source.
-Whether it pays is measured on the H100 (bench/experiments/private_copies.py, lntune select)."""
+Whether it pays is measured on the H100 by lntune select (docs/performance.md, section 6)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import pytest
 import tvm
 import tvm_ffi
 
-from lntune import select
+from lntune import select, timing
 from lntune.build import kernel_library, kernel_source, kernels_for
 from schedules import database, spaces
 from schedules.knobs import Fixed, Sampled, decisions_of
@@ -462,7 +462,7 @@ def test_single_row_chunks_split_the_rows_evenly_and_keep_one_row_a_step():
     outputs = []
     for kernel in (even, single):
         lib = kernel_library(kernel, target)
-        outputs.append(select._run_once(lib.mod, kernel.name, args, [5, 6, 7]))
+        outputs.append(timing.run_once(lib.mod, kernel.name, args, [5, 6, 7]))
     assert np.array_equal(outputs[0][0], outputs[1][0])  # dx
     for (_, dgamma_part, dbeta_part), chunk in zip(outputs, (12, 11), strict=True):
         for p in range(parts):
