@@ -136,3 +136,46 @@ def test_stack_check_falls_back_to_ptxas_when_the_embedded_cubin_is_unreadable(m
     assert inspect.stack_frame_bytes(None, "sm_90", b"library") == 4096
     monkeypatch.setattr(inspect, "embedded_cuda_resources", lambda blob: {"k": {"registers": 9, "stack": 16}})
     assert inspect.stack_frame_bytes(None, "sm_90", b"library") == 16
+
+
+def test_a_cuda_source_module_is_packed_as_a_cubin_and_the_rest_as_it_was():
+    """build.cuda_modules_compiled on TVM's own blob of a module built here (CUDA source, no driver):
+    the CUDA module's format and code change, its function table and every other byte stay."""
+    import tvm_ffi
+
+    from lntune.build import _Reader, cuda_modules_compiled, kernel_library
+    from schedules.targets import get_target
+    from te_ops.layer_norm import Kernel
+
+    lib = kernel_library(Kernel("forward", 1024, "float32"), get_target("cuda-sm90"))
+    blob = bytes(tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")(lib.mod).numpy())
+    seen = []
+    packed = cuda_modules_compiled(blob, lambda source: seen.append(source) or b"\x7fELF compiled")
+    assert seen == [lib.mod.imports[0].inspect_source()]
+
+    def modules(data):
+        view = _Reader(data)
+        assert view.u64() == len(data) - 8
+        count = len(view.u64s()) - 1
+        view.u64s()
+        out = []
+        for _ in range(count):
+            kind = view.string()
+            out.append((kind, None if kind == b"_lib" else view.string()))
+        assert view.at == len(data)
+        return out
+
+    before, after = modules(blob), modules(packed)
+    assert [k for k, _ in before] == [k for k, _ in after] == [b"_lib", b"cuda"]
+    old, new = before[1][1], after[1][1]
+    assert old.startswith(_string(b"cuda")) and new.startswith(_string(b"cubin"))
+    assert new.endswith(_string(b"\x7fELF compiled"))
+    table = old[len(_string(b"cuda")) : len(old) - len(_string(seen[0].encode()))]
+    assert new == _string(b"cubin") + table + _string(b"\x7fELF compiled")
+    assert cuda_modules_compiled(packed, lambda source: pytest.fail("compiled twice")) == packed
+    with pytest.raises(ValueError, match="library blob"):
+        cuda_modules_compiled(blob[:-3], lambda source: b"")
+
+
+def _string(data: bytes) -> bytes:
+    return len(data).to_bytes(8, "little") + data
