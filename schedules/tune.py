@@ -157,9 +157,9 @@ def _tune(kernels, target, trials_per_kernel, log_dir, workers, builder_timeout,
 
 def build_candidate(mod, target, _params):
     """MetaSchedule's build of a candidate (in LocalBuilder's worker processes) as lntune builds its
-    kernels: MetaSchedule's default build (tvm.compile after RemoveWeightLayoutRewriteBlock) with
-    lntune's pass configuration and TIR pipeline, its hooks in force for the build
-    (schedules.hooks), so what is measured is what export builds."""
+    kernels: MetaSchedule's default build (tvm.tirx.build after RemoveWeightLayoutRewriteBlock; a
+    runtime Module, which its export step takes) with lntune's pass configuration and TIR pipeline, its
+    hooks in force for the build (schedules.hooks), so what is measured is what export builds."""
     import tvm
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
@@ -168,7 +168,7 @@ def build_candidate(mod, target, _params):
 
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
     with hooks.installed(target), tvm.transform.PassContext(config=PASS_CONFIG):
-        return tvm.compile(mod, target=target, tir_pipeline=pipeline.PIPELINE)
+        return tvm.tirx.build(mod, target=target, pipeline=pipeline.PIPELINE)
 
 
 def kernel_bytes(kernel: Kernel, rows: int) -> int:
