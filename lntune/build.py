@@ -14,7 +14,7 @@ from pathlib import Path
 import tvm
 
 from lntune import __version__, toolchain
-from schedules import database, pipeline
+from schedules import database, hooks, pipeline
 from schedules.targets import TargetInfo, get_target
 from te_ops.layer_norm import DTYPE_SPECS, Kernel, parse_dtype_spec
 
@@ -23,44 +23,12 @@ MANIFEST = "manifest.json"
 # Lowers the copies that spaces.software_pipeline marks asynchronous to cp.async (the prefetching
 # CUDA backward); built without it those copies are plain loads and stores, correct but serial.
 PASS_CONFIG = {"tirx.use_async_copy": True}
-CP_ASYNC_OPS = ("tirx.s_tir_cp_async_raw", "tirx.s_tir.cp_async_raw")
-
-
-def widen_cp_async_offsets() -> None:
-    """Make TVM 0.27's cp.async helper take its global offset as 64 bits.
-
-    The helper it emits declares `int src_off` and scales it in int, so a copy from past element
-    2**30 of a 16-bit tensor (2**29 of float32) reads the wrong address. Each generated helper is
-    renamed (`..._i64`) with a `long long` offset; a helper of another shape fails the build loudly.
-    """
-    from tvm.backend.cuda.codegen.registry import CODEGEN_REGISTRY
-    from tvm.backend.cuda.op import cuda_func_call
-
-    for op in CP_ASYNC_OPS:
-        original = CODEGEN_REGISTRY.get(op)
-        if original is None or getattr(original, "widened", False):
-            continue
-
-        def widened(arg_list, original=original):
-            call, tags = original(arg_list)
-            name, *operands, source = call.args
-            wide = source.value.replace(f"{name.value}(", f"{name.value}_i64(")
-            wide = wide.replace("void* src, int src_off", "void* src, long long src_off")
-            if "long long src_off" not in wide or f"{name.value}_i64(" not in wide:
-                raise RuntimeError(f"lntune: unexpected cp.async helper from TVM, not widened:\n{source.value}")
-            return cuda_func_call(f"{name.value}_i64", *operands, source_code=wide), tags
-
-        widened.widened = True
-        CODEGEN_REGISTRY[op] = widened
-
-
-widen_cp_async_offsets()  # here, so every build that goes through lntune (export, select, Relax) has it
-
-
 def compile_module(mod: tvm.IRModule, target: TargetInfo):
     """tvm.compile for `target` with the host as LLVM, lntune's pass configuration and its TIR
-    pipeline (TVM's, then the device-kernel rewrites of schedules.pipeline)."""
-    with tvm.transform.PassContext(config=PASS_CONFIG):
+    pipeline (TVM's, then the device-kernel rewrites of schedules.pipeline), lntune's hooks in force
+    for this build only (schedules.hooks: the pipeline, the CUDA source rewrites, 64-bit cp.async
+    offsets, CUDA compiled for the target's architecture where a driver is loaded)."""
+    with hooks.installed(target), tvm.transform.PassContext(config=PASS_CONFIG):
         tvm_target = tvm.target.Target(target.spec, host="llvm")
         return tvm.compile(mod, target=tvm_target, tir_pipeline=pipeline.PIPELINE)
 
@@ -122,9 +90,116 @@ def _check_request(hidden: Iterable[int], dtypes: Iterable[str]) -> tuple[list[i
 
 
 def device_code_kind(target: TargetInfo) -> str:
-    if target.family == "cuda":
-        return "cubin" if toolchain.cuda_driver_present() else "cuda-source"
-    return {"rocm": "hsaco", "cpu": "native"}[target.family]
+    """What the library holds for the device: machine code always (a CUDA library a cubin, with or
+    without a driver where it was exported: `export_library`)."""
+    return {"cuda": "cubin", "rocm": "hsaco", "cpu": "native"}[target.family]
+
+
+def export_library(lib, path: str | Path, target: TargetInfo) -> None:
+    """`lib.export_library(path)`, a CUDA module in it as a cubin for the target's architecture.
+
+    Where no CUDA driver is loaded TVM leaves a CUDA module holding its source (to be compiled where it
+    is loaded, which the runtime-only TVM cannot do). Such a module is compiled here, with the flags
+    TVM uses (lntune.toolchain.cuda_binary), and packed into the library in its serialized form
+    (format "cubin"): the form a module compiled with a driver present has."""
+    if target.family != "cuda":
+        lib.export_library(str(path))
+        return
+    arch = toolchain.cuda_arch(target)
+    lib.export_library(str(path), fpack_imports=lambda mod, system_lib, prefix, workspace: _pack_with_machine_code(
+        mod, system_lib, prefix, workspace, arch
+    ))
+
+
+def _pack_with_machine_code(mod, system_lib: bool, prefix: str, workspace: str, arch: str) -> str:
+    """fpack_imports for export_library: TVM's blob of the imported modules (ModulePackImportsToLLVM's
+    input), every CUDA module of format "cuda" (source) replaced by its cubin, as an object file."""
+    import tvm_ffi
+
+    blob = bytes(tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")(mod).numpy())
+    blob = cuda_modules_compiled(blob, lambda source: toolchain.cuda_binary(source, arch))
+    llvm_target = mod.get_function("_get_target_string")()
+    obj = tvm_ffi.get_global_func("codegen.codegen_blob")(blob, system_lib, llvm_target, prefix)
+    path = str(Path(workspace) / f"{prefix}devc.o")
+    obj.write_to_file(path)
+    return path
+
+
+def cuda_modules_compiled(blob: bytes, compile_source) -> bytes:
+    """A library blob (`__tvm_ffi__library_bin`: u64 size, the import tree as two u64 vectors, then
+    per module its kind and, but for the host library "_lib", its bytes) with each CUDA module's
+    bytes (format, function table, code) rewritten: code in format "cuda" -> compile_source(code), of
+    format "cubin". Other modules and CUDA modules of other formats are copied as they are."""
+    view = _Reader(blob)
+    total = view.u64()
+    if total != len(blob) - 8:
+        raise ValueError(f"library blob: header says {total} bytes, {len(blob) - 8} follow")
+    indptr = view.u64s()
+    view.u64s()  # the child indices
+    out = [blob[8 : view.at]]
+    for _ in range(len(indptr) - 1):
+        kind = view.string()
+        out.append(_string(kind))
+        if kind == b"_lib":
+            continue
+        payload = view.string()
+        if kind == b"cuda":
+            payload = _compiled_cuda_module(payload, compile_source)
+        out.append(_string(payload))
+    if view.at != len(blob):
+        raise ValueError(f"library blob: {len(blob) - view.at} bytes left over after its modules")
+    body = b"".join(out)
+    return len(body).to_bytes(8, "little") + body
+
+
+def _compiled_cuda_module(payload: bytes, compile_source) -> bytes:
+    """A CUDA module's bytes (format, function table, code) with source compiled (see above). The
+    function table is copied whole: the code is the last field, so it lies between the two."""
+    view = _Reader(payload)
+    if view.string() != b"cuda":
+        return payload
+    code_at = _last_string_at(payload)
+    table = payload[view.at : code_at]
+    code = _Reader(payload, code_at).string()
+    compiled = compile_source(code.decode())
+    return _string(b"cubin") + table + _string(compiled)
+
+
+def _last_string_at(payload: bytes) -> int:
+    """Where the last field (u64 length + bytes, running to the end) of a module's bytes starts: the
+    last place whose u64 is the length of what follows it (inside CUDA source, 8 bytes of text read
+    as a u64 are far beyond any length)."""
+    for at in range(len(payload) - 8, -1, -1):
+        if int.from_bytes(payload[at : at + 8], "little") == len(payload) - at - 8:
+            return at
+    raise ValueError("CUDA module bytes: no code field at their end")
+
+
+def _string(data: bytes) -> bytes:
+    return len(data).to_bytes(8, "little") + data
+
+
+class _Reader:
+    def __init__(self, data: bytes, at: int = 0) -> None:
+        self.data, self.at = data, at
+
+    def u64(self) -> int:
+        if self.at + 8 > len(self.data):
+            raise ValueError("library blob: truncated")
+        value = int.from_bytes(self.data[self.at : self.at + 8], "little")
+        self.at += 8
+        return value
+
+    def u64s(self) -> list[int]:
+        return [self.u64() for _ in range(self.u64())]
+
+    def string(self) -> bytes:
+        n = self.u64()
+        if self.at + n > len(self.data):
+            raise ValueError("library blob: truncated")
+        value = self.data[self.at : self.at + n]
+        self.at += n
+        return value
 
 
 def export(
@@ -197,7 +272,7 @@ def _publish_export(mod: tvm.IRModule, target: TargetInfo, out: Path, manifest: 
     files.output_directory(out)  # again under the lock: another export may have changed it
     files.clean_staging(out)
     with files.staged_directory(out) as staging:
-        compile_module(mod, target).export_library(str(staging / LIBRARY))
+        export_library(compile_module(mod, target), staging / LIBRARY, target)
         manifest["library_bytes"] = (staging / LIBRARY).stat().st_size
         manifest["library_sha256"] = files.file_digest(staging / LIBRARY)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")

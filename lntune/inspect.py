@@ -1,9 +1,10 @@
 """`lntune inspect`: what an exported library holds, per kernel.
 
 Always: op, hidden, dtype, P, where its schedule came from, and its knobs (from manifest.json).
-For a CUDA library: registers and stack frame per kernel (a stack frame means a register-cached row
-went to local memory), read from the cubin the library embeds (exported on a GPU host), or for a
-library holding CUDA source, from ptxas when nvcc is on PATH (which also gives the spills).
+For a CUDA library: its machine code (a cubin and its architecture, `machine_code`), and registers
+and stack frame per kernel (a stack frame means a register-cached row went to local memory), read
+from that cubin; for a library of an older lntune holding CUDA source instead, from ptxas when nvcc
+is on PATH (which also gives the spills).
 """
 
 from __future__ import annotations
@@ -102,6 +103,23 @@ def embedded_cubins(blob: bytes) -> list[bytes]:
     return found
 
 
+_FATBIN_MAGIC = (0xBA55ED50).to_bytes(4, "little")
+
+
+def machine_code(blob: bytes) -> str | None:
+    """"cubin" when `blob` (a library) holds a CUDA ELF, "fatbin" when a fat binary, else None."""
+    if embedded_cubins(blob):
+        return "cubin"
+    return "fatbin" if _FATBIN_MAGIC in blob else None
+
+
+def cubin_arch(cubin: bytes) -> str:
+    """The SM architecture a cubin was compiled for ("sm_90": an sm_90a cubin reads the same), from its
+    ELF flags (the SM number in bits 8-15 from ELF ABI version 8, CUDA 12.8+; bits 0-7 before)."""
+    (flags,) = struct.unpack_from("<I", cubin, 0x30)
+    return f"sm_{(flags >> 8) & 0xFF if cubin[8] >= 8 else flags & 0xFF}"
+
+
 def _elf_size(blob: bytes, start: int) -> int:
     """Bytes of the ELF64 at `start`: to the end of its header tables or its last section's data."""
     phoff, shoff = struct.unpack_from("<QQ", blob, start + 0x20)
@@ -188,7 +206,15 @@ def inspect_library(path: Path) -> str:
         source = _cuda_source(blob)
         if source is None:
             resources = _readable_embedded_resources(blob)
-            note = "(registers and stack from the embedded cubin; spills not shown)" if resources else "(cubin unread)"
+            cubins = embedded_cubins(blob)
+            if not cubins:
+                found = machine_code(blob)
+                note = f"({found}: registers not shown)" if found else "(no machine code found in the library)"
+            else:
+                arches = ", ".join(sorted({cubin_arch(c) for c in cubins}))
+                note = f"for {arches} " + (
+                    "(registers and stack from the embedded cubin; spills not shown)" if resources else "(cubin unread)"
+                )
         elif shutil.which("nvcc"):
             resources = cuda_resources(source, manifest.get("target_spec", {}).get("arch", "sm_90"))
         else:

@@ -5,9 +5,12 @@ The PrimFuncs are the same ones `lntune export` builds: scheduled from the desig
 tuned (or baseline) knobs for the target, marked `tir.is_scheduled` so Relax's default pipeline leaves
 them alone. Inputs of any leading shape are reshaped to rows around the call.
 
-For CUDA, build the module under `tvm.transform.PassContext(config=lntune.build.PASS_CONFIG)`: the
-backwards selected with `prefetch` then copy rows with cp.async (without it those copies are plain
-loads and stores: correct, slower). Importing this module applies `build.widen_cp_async_offsets`.
+Build a module holding them with `build(mod, target)`: tvm.compile as export compiles (lntune's pass
+configuration, so the backwards selected with `prefetch` copy rows with cp.async; its TIR pipeline),
+with lntune's hooks in force for that build only (schedules.hooks: the CUDA source rewrites, among
+them the cluster launch mark the N >= 8192 backwards on sm_90 need, and 64-bit cp.async offsets).
+Importing lntune changes nothing in TVM; a plain tvm.compile of a module with lntune's CUDA backward
+kernels builds them without those rewrites, which the cluster kernels cannot run without.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import math
 import tvm
 from tvm import relax, tirx
 
-from lntune.build import kernels_for
-from schedules import database
+from lntune.build import PASS_CONFIG, kernels_for
+from schedules import database, hooks, pipeline
 from schedules.targets import TargetInfo, get_target
 from te_ops.layer_norm import ACC, DTYPES, Kernel
 
@@ -30,6 +33,16 @@ def scheduled_prim_func(kernel: Kernel, target: TargetInfo) -> tirx.PrimFunc:
     choice = database.choose(kernel, target)
     func = database.scheduled(kernel, target, choice.knobs)
     return func.with_attr("tir.is_scheduled", True).with_attr("lntune.schedule", choice.source)
+
+
+def build(mod: tvm.IRModule, target: str = "llvm", **kwargs):
+    """tvm.compile of a Relax module holding lntune's PrimFuncs for `target` (a name from `lntune
+    targets`; the host is LLVM), with lntune's pass configuration, TIR pipeline and hooks (see the
+    module's doc). Other keyword arguments go to tvm.compile."""
+    info = get_target(target)
+    with hooks.installed(info), tvm.transform.PassContext(config=PASS_CONFIG):
+        tvm_target = tvm.target.Target(info.spec, host="llvm")
+        return tvm.compile(mod, target=tvm_target, tir_pipeline=pipeline.PIPELINE, **kwargs)
 
 
 def _shape(expr: relax.Expr) -> list:

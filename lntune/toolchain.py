@@ -28,7 +28,8 @@ def prepare_rocm() -> None:
 
 
 def cuda_driver_present() -> bool:
-    """Whether a CUDA driver is loadable here (export then embeds a cubin instead of CUDA source)."""
+    """Whether a CUDA driver is loadable here (TVM then compiles CUDA modules as it builds them;
+    without one lntune.build compiles them when it exports the library: a cubin either way)."""
     import ctypes
 
     try:
@@ -36,3 +37,44 @@ def cuda_driver_present() -> bool:
     except OSError:
         return False
     return True
+
+
+def cuda_arch(target) -> str | None:
+    """The architecture CUDA code for `target` is compiled for (a TVM Target, a target dict or a
+    schedules.targets.TargetInfo; None without an arch). TVM's own rule for a device it detects:
+    sm_90 and later get their architecture-specific features (`sm_90` -> `sm_90a`, as a cuda-sm90
+    library built on an H100 always had), earlier ones are as given."""
+    spec = getattr(target, "spec", target)
+    arch = spec.get("arch") if isinstance(spec, dict) else (spec.attrs.get("arch") if spec is not None else None)
+    if not arch:
+        return None
+    arch = str(arch)
+    digits = arch.removeprefix("sm_")
+    return f"{arch}a" if digits.isdigit() and int(digits) >= 90 else arch
+
+
+def cuda_compiler() -> str:
+    """"nvrtc" or "nvcc": TVM's choice when it compiles with a driver present (TVM_CUDA_COMPILE_MODE,
+    NVRTC by default), NVRTC only where its Python bindings (cuda-bindings) are installed."""
+    import importlib.util
+
+    mode = os.environ.get("TVM_CUDA_COMPILE_MODE", "nvrtc").lower()
+    if mode == "nvrtc" and importlib.util.find_spec("cuda") and importlib.util.find_spec("cuda.bindings"):
+        return "nvrtc"
+    if shutil.which("nvcc") is None and mode != "nvcc":
+        raise RuntimeError(
+            "CUDA export needs a CUDA compiler: nvcc on PATH (the CUDA toolkit) or NVRTC's Python bindings "
+            "(pip install cuda-bindings)"
+        )
+    return "nvcc"
+
+
+def cuda_binary(source: str, arch: str) -> bytes:
+    """A cubin of CUDA source for `arch` (sm_90a, ...), compiled as TVM compiles CUDA modules
+    (tvm.support.nvcc.compile_cuda: its flags, --use_fast_math among them), with `cuda_compiler()`."""
+    import tvm
+    from tvm.support import nvcc
+
+    # nvcc's path reads the architecture from the current target too.
+    with tvm.target.Target({"kind": "cuda", "arch": arch}):
+        return bytes(nvcc.compile_cuda(source, target_format="cubin", arch=arch, compiler=cuda_compiler()))

@@ -432,8 +432,8 @@ def exchange_warp_partials(code: str) -> str:
     return rewritten[:first_kernel] + helpers + rewritten[first_kernel:]
 
 
-# At import: whatever builds a function this module rewrote (export, select, Relax, a script of its
-# own) has imported it, and a cluster kernel without its cluster launch would read a rank that
-# does not exist.
-cuda_source.add(add_cluster_dims)
-cuda_source.add(exchange_warp_partials)
+# Registered with lntune's CUDA rewrites (schedules.hooks runs them around lntune's builds only): a
+# kernel whose TIR collects from the partner must be launched as a cluster, and one exchanging by the
+# counted protocol gets the warps exchange; either missing in its source is an error, not a no-op.
+cuda_source.add(add_cluster_dims, wanted_by=lambda tir: '"lntune_cluster_collect_' in tir)
+cuda_source.add(exchange_warp_partials, wanted_by=lambda tir: '"lntune_cluster_publish_counted"' in tir)

@@ -1,8 +1,13 @@
-"""Rewrites of the CUDA source TVM generates, before nvcc compiles it (TVM's
-`tvm_callback_cuda_postproc` hook): the cluster launch mark (schedules.cluster), paired 16-bit
-conversions (`pack_conversions`) and 16-byte stores kept whole (`whole_vector_stores`). Each is a
-text rewrite that leaves a source without its pattern as it is; `add` installs the hook once and
-chains any post-processor registered before lntune's."""
+"""Rewrites of the CUDA source TVM generates, before nvcc compiles it: the cluster launch mark
+(schedules.cluster), paired 16-bit conversions (`pack_conversions`) and 16-byte stores kept whole
+(`whole_vector_stores`). TVM calls them through its `tvm_callback_cuda_postproc` hook, which
+schedules.hooks installs only around lntune's own builds (`rewrite_source` is what it runs).
+
+Each rewrite is a text rewrite registered with `add` together with the test that says, from a device
+kernel's lowered TIR, whether the kernel asks for it (uses the feature it rewrites). A kernel that asks
+for a rewrite the source does not let it make is an error naming both (`RewriteMissing`): after a TVM
+upgrade that changed what it prints, a silent no-op would be a slower kernel or a wrong launch. A
+kernel that does not ask is left to the rewrite, which leaves a source without its pattern as it is."""
 
 from __future__ import annotations
 
@@ -12,6 +17,12 @@ from contextlib import contextmanager
 
 POSTPROC = "tvm_callback_cuda_postproc"
 _REWRITES: list[Callable[[str], str]] = []
+# rewrite name -> test of a device kernel's lowered TIR (its TVMScript): does the kernel ask for it?
+_WANTED_BY: dict[str, Callable[[str], bool]] = {}
+
+
+class RewriteMissing(RuntimeError):
+    """A kernel asks for a CUDA source rewrite whose pattern is not in the source TVM generated."""
 
 # TVM writes a float4 -> 4 x 16-bit conversion as four element casts into its half4_bfloat164
 # struct (8-byte aligned: x/y and z/w are 4-byte aligned pairs).
@@ -79,11 +90,54 @@ def whole_vector_stores(code: str) -> str:
     return "\n".join(whole(line) for line in code.split("\n"))
 
 
-def add(rewrite: Callable[[str], str]) -> None:
-    """Run `rewrite` on every CUDA source TVM generates from now on (after those added before)."""
+def add(rewrite: Callable[[str], str], wanted_by: Callable[[str], bool] | None = None) -> None:
+    """Run `rewrite` on every CUDA source lntune builds (after those added before). `wanted_by(tir)`
+    says from a device kernel's lowered TIR whether the kernel asks for it; such a kernel must come out
+    of the rewrite changed (`rewrite_source`)."""
     if rewrite not in _REWRITES:
         _REWRITES.append(rewrite)
-    _install()
+    if wanted_by is not None:
+        _WANTED_BY[rewrite.__name__] = wanted_by
+
+
+def wanted(tir: str) -> set[str]:
+    """The rewrites a device kernel asks for, from its lowered TIR (TVMScript text)."""
+    return {name for name, asks in _WANTED_BY.items() if asks(tir)}
+
+
+_KERNEL_START = re.compile(r'extern "C" __global__ void (?:__\w+\([^)]*\) )*(\w+)\(')
+
+
+def kernel_text(code: str) -> dict[str, str]:
+    """Each kernel's text in a CUDA source: its declaration and definition, from `extern "C"
+    __global__` to the next kernel's (or the end), joined."""
+    starts = [(m.start(), m.group(1)) for m in _KERNEL_START.finditer(code)] + [(len(code), "")]
+    texts: dict[str, str] = {}
+    for (at, name), (end, _) in zip(starts, starts[1:]):
+        texts[name] = texts.get(name, "") + code[at:end]
+    return texts
+
+
+def rewrite_source(code: str, expected: dict[str, set[str]] | None = None) -> str:
+    """`code` through every registered rewrite, in order. `expected`: device kernel name -> the
+    rewrites it asks for (`wanted`); each must change that kernel's text, or RewriteMissing."""
+    expected = expected or {}
+    for rewrite in _REWRITES:
+        name = rewrite.__name__
+        asking = sorted(k for k, names in expected.items() if name in names)
+        before = kernel_text(code) if asking else {}
+        code = rewrite(code)
+        if asking:
+            after = kernel_text(code)
+            missing = [k for k in asking if k in before and before[k] == after.get(k)]
+            absent = [k for k in asking if k not in before]
+            if missing or absent:
+                raise RewriteMissing(
+                    f"lntune: CUDA source rewrite {name} found nothing to rewrite in kernel(s) {missing + absent}, "
+                    "which ask for it (their TIR uses what it rewrites); TVM's generated CUDA is not in the form "
+                    f"{name} expects (a TVM upgrade?), so the kernel would build without it"
+                )
+    return code
 
 
 @contextmanager
@@ -101,22 +155,22 @@ def without(name: str) -> Iterator[None]:
         _REWRITES.insert(at, rewrite)
 
 
-def _install() -> None:
-    import tvm_ffi
-
-    if getattr(_install, "done", False):
-        return
-    previous = tvm_ffi.get_global_func(POSTPROC, allow_missing=True)
-
-    def lntune_cuda_postproc(code, target):
-        code = previous(code, target) if previous is not None else code
-        for rewrite in _REWRITES:
-            code = rewrite(code)
-        return code
-
-    tvm_ffi.register_global_func(POSTPROC, lntune_cuda_postproc, override=True)
-    _install.done = True
+# A float32x4 -> 4 x 16-bit conversion in the kernel's TIR is what TVM prints as four element casts.
+_CONVERTS_FOUR = re.compile(r'T\.Cast\("(?:bfloat16|float16)x4", ')
+# A 16-byte store to a kernel's global buffer: `dx[a:a + T.int64(8)] = ...` (bfloat16), the buffer
+# declared on a global pointer parameter (`dx_ptr: T.handle("bfloat16", "global")`).
+_GLOBAL_PARAM = re.compile(r'(\w+)_ptr: T\.handle\("(\w+)", "global"\)')
+_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "int32": 32, "uint32": 32}
 
 
-add(pack_conversions)
-add(whole_vector_stores)
+def _stores_16_bytes(tir: str) -> bool:
+    for name, dtype in _GLOBAL_PARAM.findall(tir):
+        bits = _BITS.get(dtype)
+        lanes = re.findall(rf"(?m)^\s*{name}\[[^\n]*:[^\n]*\+ T\.int64\((\d+)\)\] = ", tir)
+        if bits and any(int(n) * bits == 128 for n in lanes):
+            return True
+    return False
+
+
+add(pack_conversions, wanted_by=lambda tir: bool(_CONVERTS_FOUR.search(tir)))
+add(whole_vector_stores, wanted_by=_stores_16_bytes)

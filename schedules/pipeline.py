@@ -1,6 +1,10 @@
 """lntune's TIR pipeline: TVM's (s_tir) lowering, then the device-kernel rewrites that scheduled
 functions ask for by attribute. Rewrites that need the kernels split from the host code (launch
-parameters, pipeline barriers) cannot be made on the scheduled function itself."""
+parameters, pipeline barriers) cannot be made on the scheduled function itself.
+
+It is registered with TVM under `PIPELINE` only inside lntune's builds (schedules.hooks). After
+lowering it also notes, per CUDA device kernel, which CUDA source rewrites the kernel asks for
+(schedules.cuda_source.wanted), for the post-processor that then runs on its source."""
 
 from __future__ import annotations
 
@@ -8,9 +12,9 @@ from collections.abc import Callable
 
 import tvm
 from tvm.tirx import PrimFunc
-from tvm.tirx.compilation_pipeline import get_tir_pipeline, register_tir_pipeline
+from tvm.tirx.compilation_pipeline import get_tir_pipeline
 
-from schedules import dependent_launch, private_copies
+from schedules import cuda_source, dependent_launch, private_copies
 
 PIPELINE = "lntune"
 
@@ -46,14 +50,32 @@ def _with_kernel_rewrites(lower: tvm.transform.Pass) -> tvm.transform.Pass:
         private = _marked(mod, private_copies.PRIVATE_KEY)
         mod = lower(mod)
         mod = _rewrite_kernels(mod, dependents, dependent_launch.with_launch_flag)
-        return _rewrite_kernels(mod, private, private_copies.without_pipeline_barriers)
+        mod = _rewrite_kernels(mod, private, private_copies.without_pipeline_barriers)
+        from schedules import hooks  # here: hooks registers this pipeline
+
+        hooks.expect_rewrites(cuda_kernel_wants(mod))
+        return mod
 
     return run
 
 
-def _pipeline():
+def cuda_kernel_wants(mod: tvm.IRModule) -> dict[str, set[str]]:
+    """CUDA device kernel name -> the CUDA source rewrites it asks for (from its lowered TIR), and
+    `CP_ASYNC` for a kernel with cp.async copies (whose offsets schedules.hooks widens)."""
+    wants = {}
+    for gv, f in mod.functions.items():
+        target = f.attrs.get("target") if f.attrs else None
+        if target is None or target.kind.name != "cuda" or f.attrs.get(dependent_launch.LAUNCH_PARAMS) is None:
+            continue
+        tir = f.script()
+        wants[gv.name_hint] = cuda_source.wanted(tir) | ({CP_ASYNC} if "cp_async" in tir else set())
+    return wants
+
+
+CP_ASYNC = "widened_cp_async"
+
+
+def factory():
+    """The pipeline's factory, as TVM's register_tir_pipeline takes it."""
     lower, finalize_host, finalize_device = get_tir_pipeline("s_tir")
     return _with_kernel_rewrites(lower), finalize_host, finalize_device
-
-
-register_tir_pipeline(PIPELINE, _pipeline)

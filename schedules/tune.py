@@ -128,7 +128,7 @@ def _tune(kernels, target, trials_per_kernel, log_dir, workers, builder_timeout,
     database = open_database(log_dir)
     tasks = [tune_context(k, target, seed) for k in kernels]
     per_iter = min(32, trials_per_kernel)
-    builder = ms.builder.LocalBuilder(max_workers=workers, timeout_sec=builder_timeout)
+    builder = ms.builder.LocalBuilder(max_workers=workers, timeout_sec=builder_timeout, f_build=build_candidate)
     if runner == "local":
         runner = ms.runner.LocalRunner(evaluator_config=EVALUATOR)
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.INFO)
@@ -153,6 +153,22 @@ def _tune(kernels, target, trials_per_kernel, log_dir, workers, builder_timeout,
         pool = getattr(runner, "pool", None)
         if pool is not None:
             pool.shutdown()
+
+
+def build_candidate(mod, target, _params):
+    """MetaSchedule's build of a candidate (in LocalBuilder's worker processes) as lntune builds its
+    kernels: MetaSchedule's default build (tvm.tirx.build after RemoveWeightLayoutRewriteBlock; a
+    runtime Module, which its export step takes) with lntune's pass configuration and TIR pipeline, its
+    hooks in force for the build (schedules.hooks), so what is measured is what export builds."""
+    import tvm
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    from lntune.build import PASS_CONFIG
+    from schedules import hooks, pipeline
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    with hooks.installed(target), tvm.transform.PassContext(config=PASS_CONFIG):
+        return tvm.tirx.build(mod, target=target, pipeline=pipeline.PIPELINE)
 
 
 def kernel_bytes(kernel: Kernel, rows: int) -> int:

@@ -166,25 +166,31 @@ def test_cluster_dims_mark_only_the_kernels_that_exchange():
     assert cluster.add_cluster_dims("no kernels here") == "no kernels here"
 
 
-def test_the_cluster_launch_needs_nothing_but_schedules(tmp_path):
-    """A build of a rewritten function outside lntune (tvm.compile, no lntune.build imported) still
-    marks the kernel: schedules.cluster registers the CUDA post-processor itself."""
+def test_the_cluster_launch_comes_with_lntunes_hooks_and_needs_nothing_but_schedules(tmp_path):
+    """A build of a rewritten function outside lntune's builds (plain tvm.compile) gets TVM's source, no
+    cluster mark: importing schedules changes nothing in TVM. Inside schedules.hooks.installed (what
+    every lntune build runs in) it is marked, with no lntune.build imported."""
     script = f"""
 import sys, tvm
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-from schedules import database, spaces
+from schedules import database, hooks, spaces
 from schedules.targets import get_target
 from te_ops.layer_norm import Kernel
 target = get_target("cuda-sm90")
 kernel = Kernel("backward", 16384, "bfloat16", 132)
 knobs = {{**spaces.default_knobs(kernel, target), "cluster": 2, "threads": 1024, "explicit_unroll": 0}}
-func = database.scheduled(kernel, target, knobs)
-lib = tvm.compile(tvm.IRModule({{kernel.name: func}}), target=tvm.target.Target(target.spec, host="llvm"))
+mod = tvm.IRModule({{kernel.name: database.scheduled(kernel, target, knobs)}})
+def marked():
+    lib = tvm.compile(mod, target=tvm.target.Target(target.spec, host="llvm"))
+    return "__cluster_dims__(2, 1, 1)" in lib.mod.imports[0].inspect_source()
+plain = marked()
+with hooks.installed(target):
+    inside = marked()
 assert "lntune.build" not in sys.modules
-print("__cluster_dims__(2, 1, 1)" in lib.mod.imports[0].inspect_source())
+print(plain, inside, marked())
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    assert out.stdout.strip().splitlines()[-1] == "True"
+    assert out.stdout.strip().splitlines()[-1] == "False True False"
 
 
 def test_staged_halves_also_come_with_gamma_re_read_then_shared_last_in_the_grid():

@@ -3,7 +3,6 @@ weights), one kernel each, named apart from the one-dtype kernels, with their kn
 
 import json
 import re
-import shutil
 import warnings
 
 import numpy as np
@@ -157,11 +156,10 @@ def test_cuda_mixed_variant_compiles_without_a_stack_frame(tmp_path, hidden):
     assert {v["function"] for v in manifest["variants"]} == {
         k.name for k in kernels_for(hidden, "bfloat16", SM90, param_dtype="float32")
     }
-    if manifest["device_code"] != "cuda-source" or not shutil.which("nvcc"):
-        pytest.skip("needs nvcc and a CUDA-source export")
-    from lntune.inspect import _cuda_source, cuda_resources
+    assert manifest["device_code"] == "cubin"
+    from lntune.inspect import embedded_cuda_resources
 
-    facts = cuda_resources(_cuda_source((tmp_path / "lntune.so").read_bytes()), "sm_90")
+    facts = embedded_cuda_resources((tmp_path / "lntune.so").read_bytes())
     assert len(facts) == 4 and all(f["stack"] == 0 for f in facts.values()), facts
 
 

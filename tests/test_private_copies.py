@@ -22,7 +22,7 @@ STAGED = {"threads": 1024, "threads_per_sm": 1024, "stage_rows": 2, "prefetch": 
 def _lowered_kernel(kernel: Kernel, knobs: dict) -> tvm.tirx.PrimFunc:
     """The device kernel of `kernel` with these knobs, after lntune's TIR lowering."""
     mod = tvm.IRModule({kernel.name: database.scheduled(kernel, SM90, knobs)})
-    lower = tvm.tirx.get_tir_pipeline(pipeline.PIPELINE)[0]
+    lower = pipeline.factory()[0]  # lntune's lowering (registered with TVM only inside its builds)
     with tvm.transform.PassContext(config=PASS_CONFIG):
         out = lower(tvm.tirx.transform.BindTarget(tvm.target.Target(SM90.spec, host="llvm"))(mod))
     return next(f for gv, f in out.functions.items() if gv.name_hint == f"{kernel.name}_kernel")

@@ -5,7 +5,7 @@ import pytest
 import tvm
 from tvm import relax
 
-from lntune.relax import emit_layer_norm_backward, legalize_layer_norm
+from lntune.relax import build, emit_layer_norm_backward, legalize_layer_norm
 from te_ops import reference
 
 
@@ -63,6 +63,25 @@ def test_unsupported_layer_norm_is_left_alone():
     with bb.function("main", [x, g, b]):
         bb.emit_func_output(relax.op.nn.layer_norm(x, g, b, axes=[-1]))
     assert "R.nn.layer_norm" in legalize_layer_norm(bb.get(), "llvm")["main"].script()
+
+
+def test_lntunes_build_rewrites_the_cuda_source_and_a_plain_compile_does_not():
+    """lntune.relax.build: the legalized bfloat16 forward comes out with lntune's CUDA source rewrites
+    (conversions in round-to-nearest pairs); a plain tvm.compile, outside lntune's builds, gets TVM's
+    source unchanged."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 1024), "bfloat16"))
+    g, b = (relax.Var(n, relax.TensorType((1024,), "bfloat16")) for n in ("g", "b"))
+    with bb.function("main", [x, g, b]):
+        bb.emit_func_output(relax.op.nn.layer_norm(x, g, b, axes=[-1]))
+    mod = legalize_layer_norm(bb.get(), "cuda-sm90")
+
+    def cuda_source(lib):
+        return "".join(m.inspect_source() for m in lib.mod._collect_from_import_tree(lambda m: m.kind == "cuda"))
+
+    assert "__floats2bfloat162_rn(" in cuda_source(build(mod, "cuda-sm90"))
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90", "max_threads_per_block": 1024}, host="llvm")
+    assert "__floats2bfloat162_rn(" not in cuda_source(tvm.compile(mod, target=target))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
