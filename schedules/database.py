@@ -8,6 +8,7 @@ tuning workload, and used as the knob decisions of its sample_categorical instru
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from dataclasses import dataclass, replace
@@ -16,7 +17,7 @@ from pathlib import Path
 import tvm
 import tvm_ffi
 
-from schedules import cluster, dependent_launch, private_copies, spaces
+from schedules import cluster, dependent_launch, private_copies, spaces, untuned
 from schedules.knobs import IMPLICIT_UNROLL_KEY, Fixed, Recorder
 from schedules.targets import TargetInfo
 from te_ops.layer_norm import GRANULES, ROW_GRANULE, Kernel
@@ -335,9 +336,15 @@ def selected_granule(target: TargetInfo, hidden: int, dtype: str, selection: dic
 
 
 def selected_chunking(target: TargetInfo, hidden: int, dtype: str, selection: dict | None = None) -> tuple[int, int]:
-    """(P, granule) of the backward of (hidden, dtype), both from the same selection."""
+    """(P, granule) of the backward of (hidden, dtype), both from the same selection; for an N
+    nobody tuned, the rule's (schedules.untuned: P fitted over the tuned N, the granule of the
+    tuned N whose knobs it takes)."""
     if selection is None:
         selection = read_selection(TUNING_LOGS / target.name)
+    if parts_key(hidden, dtype) not in selection:
+        source = rule_source(target, hidden, dtype, selection)
+        if source is not None:
+            return source.parts, source.granule
     return selected_parts(target, hidden, dtype, selection), selected_granule(target, hidden, dtype, selection)
 
 
@@ -418,7 +425,7 @@ def choose(
     if record is None and target.family == "rocm":
         return _from_cuda(kernel, target)
     if record is None:
-        return Choice(baseline_knobs(kernel, target), "baseline")
+        return _by_rule(kernel, target, records, selection) or Choice(baseline_knobs(kernel, target), "baseline")
     knobs = _knobs_of(kernel, target, record.decisions, dict(record.structure))
     if knobs is None:
         warnings.warn(
@@ -427,6 +434,66 @@ def choose(
         )
         return Choice(baseline_knobs(kernel, target), "baseline")
     return Choice(knobs, f"{prefix}:{record.workload_hash}:line{record.line}:{record.seconds * 1e6:.1f}us")
+
+
+RULE_BASELINE = "baseline (rule: "  # an untuned N's kernel the rule gave the baseline, and why
+
+
+def rule_source(
+    target: TargetInfo, hidden: int, dtype: str, selection: dict, records: dict | None = None
+) -> untuned.Source | None:
+    """The tuned N whose knobs an untuned (hidden, dtype) takes (schedules.untuned.find_source),
+    or None where the rule does not apply (a tuned N, no tuned N of the dtype, a CPU or ROCm target)
+    or no tuned N's backward fits. Kept per (target, N, dtype, selection, records): export asks for
+    each kernel of a variant."""
+    if not untuned.applies(target, hidden, dtype, selection):
+        return None
+    key = (target.name, hidden, dtype, _fingerprint(selection), tuple(sorted(records or ())))
+    if key not in _RULE_SOURCES:
+        if len(_RULE_SOURCES) > 256:
+            _RULE_SOURCES.clear()
+
+        def choose_tuned(kernel: Kernel) -> Choice:
+            return choose(kernel, target, records, selection)
+
+        def exact(kernel: Kernel, knobs: dict) -> dict | None:
+            return exact_knobs(kernel, target, knobs)
+
+        _RULE_SOURCES[key] = untuned.find_source(target, hidden, dtype, selection, choose_tuned, exact)
+    return _RULE_SOURCES[key]
+
+
+_RULE_SOURCES: dict[tuple, untuned.Source | None] = {}
+
+
+def _fingerprint(selection: dict) -> str:
+    return hashlib.sha256(json.dumps(selection, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _by_rule(kernel: Kernel, target: TargetInfo, records: dict, selection: dict) -> Choice | None:
+    """The choice for a kernel of an N nobody tuned (schedules.untuned), or None where the rule
+    does not apply: the source N's choice for the same op scaled to this N (its own baseline where
+    the source's was), or the baseline, saying why, where no tuned N's backward fits."""
+    if not untuned.applies(target, kernel.hidden, kernel.dtype, selection):
+        return None
+    source = rule_source(target, kernel.hidden, kernel.dtype, selection, records)
+    if source is None:
+        tried = ", ".join(
+            f"n{n}"
+            for n in untuned.nearest_first(kernel.hidden, untuned.tuned_hiddens(target, kernel.dtype, selection))
+        )
+        return Choice(baseline_knobs(kernel, target), f"{RULE_BASELINE}no tuned N's knobs fit; tried {tried})")
+    parts, granule = untuned.chunking_of_tuned(target, source.hidden, kernel.dtype, selection)
+    twin = replace(kernel, hidden=source.hidden, parts=parts if kernel.parts else 0)
+    twin = replace(twin, granule=granule) if kernel.op == "backward" else twin
+    chosen = choose(twin, target, records, selection)
+    name = f"{untuned.NAME}-n{source.hidden}"
+    if chosen.source.startswith("baseline"):
+        return Choice(baseline_knobs(kernel, target), f"{RULE_BASELINE}{name}, whose {kernel.op} is the baseline)")
+    knobs = untuned.scale(kernel, target, source, chosen, lambda k, v: exact_knobs(k, target, v))
+    if knobs is None:
+        return Choice(baseline_knobs(kernel, target), f"{RULE_BASELINE}{name}'s {kernel.op} does not fit)")
+    return Choice(knobs, untuned.label(source, chosen.source))
 
 
 def _from_same_activations(kernel: Kernel, target: TargetInfo, records: dict, selection: dict) -> Choice:
@@ -438,7 +505,17 @@ def _from_same_activations(kernel: Kernel, target: TargetInfo, records: dict, se
     chosen = choose(twin, target, records, selection)
     if chosen.source == "baseline":
         return Choice(baseline_knobs(kernel, target), "baseline")
+    if chosen.source.startswith(RULE_BASELINE):
+        return Choice(baseline_knobs(kernel, target), chosen.source)
     knobs = exact_knobs(kernel, target, chosen.knobs)
+    if knobs is not None and chosen.source.startswith("rule:") and kernel.op == "backward":
+        # The rule's knobs are checked against the budget of the kernel they build: float32
+        # gamma beside 16-bit rows costs registers.
+        if not untuned.fits_budget(kernel, target, knobs):
+            return Choice(
+                baseline_knobs(kernel, target),
+                f"{RULE_BASELINE}{chosen.source} does not fit {kernel.params} parameters)",
+            )
     if knobs is None:
         warnings.warn(f"{kernel.name}: {twin.name}'s knobs do not fit its space; using the baseline", stacklevel=3)
         return Choice(baseline_knobs(kernel, target), "baseline")
@@ -457,7 +534,8 @@ def _from_cuda(kernel: Kernel, target: TargetInfo) -> Choice:
     cuda = get_target(CUDA_SOURCE_OF_ROCM)
     twin = replace(kernel, parts=selected_parts(cuda, kernel.hidden, kernel.dtype)) if kernel.parts else kernel
     chosen = choose(twin, cuda)
-    if chosen.source.startswith("baseline"):
+    # The rule for untuned N is for the CUDA kernels it was fitted on: ROCm keeps its baseline there.
+    if chosen.source.startswith(("baseline", "rule:")):
         return Choice(baseline_knobs(kernel, target), "baseline")
     # Who unrolls and how many rows a step were chosen for nvcc; with LLVM's AMDGPU backend the
     # implicit unrolling loses the 16-byte loads (measured in the gfx942 ISA), so they stay default.
