@@ -61,6 +61,12 @@ def default_knobs(kernel: Kernel) -> dict[str, int]:
     return {"accumulators": 4, "unroll": 16}
 
 
+def structures(kernel: Kernel) -> list[dict[str, int]]:
+    """The CPU backward's tuning structures: rows re-read (the baseline's) and rows copied into
+    caches first, each with gamma re-read; MetaSchedule samples the accumulators within each."""
+    return [{"cache_rows": 0, "cache_gamma": 0}, {"cache_rows": 1, "cache_gamma": 0}]
+
+
 def legalized_bf16(kernel: Kernel) -> bool:
     """bfloat16 is emulated in float32 on CPUs (see spaces._legalized_bf16)."""
     return kernel.dtype == "bfloat16"
@@ -187,5 +193,6 @@ __all__ = [
     "partials_sum",
     "rfactor_lanes",
     "rowwise",
+    "structures",
     "vectorize_lanes",
 ]

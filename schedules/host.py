@@ -33,8 +33,10 @@ def configure_thread_pool(threads: int | None = None) -> int:
         cpus = sorted(os.sched_getaffinity(0))
     except AttributeError:
         cpus = list(range(threads))
-    # -3: kSpecifyThreadShareAllCore, every worker may run on every granted core (no pinning).
-    tvm.get_global_func("runtime.config_threadpool")(-3, threads, [str(c) for c in cpus[:threads]])
+    # -3: kSpecifyThreadShareAllCore, every worker may run on every granted core (no pinning). TVM
+    # sizes the pool by the list's length, so the ids repeat when more threads than cores are asked.
+    ids = [str(cpus[i % len(cpus)]) for i in range(threads)]
+    tvm.get_global_func("runtime.config_threadpool")(-3, threads, ids)
     return tvm.get_global_func("runtime.NumThreads")()
 
 

@@ -613,6 +613,8 @@ def structures(kernel: Kernel, target: TargetInfo) -> list[dict[str, int]]:
     if kernel.op == "backward" and target.is_gpu:
         cacheable = (0,) if _legalized_bf16(kernel, target) else (1, 0)
         return [{"cache_rows": r, "cache_gamma": g, "chunked": c} for r in cacheable for g in cacheable for c in (0, 1)]
+    if kernel.op == "backward":
+        return cpu.structures(kernel)
     return [{}]
 
 
