@@ -116,6 +116,15 @@ def decompose_lanes(sch: s_tir.Schedule, rf) -> None:
     sch.vectorize(sch.get_loops(init)[-1])
 
 
+def one_pass_over_row(sch: s_tir.Schedule, blocks, kernel: Kernel) -> None:
+    """The backward's dx and its dgamma/dbeta updates in one loop over the row's vectors (each
+    block keeps its own vectorized lanes inside): x and dy are loaded and xhat computed once an
+    element for the three, where three loops reloaded them from L1."""
+    if kernel.hidden // vector_width(kernel) < 2:  # no loop over the row's vectors (N = 1)
+        return
+    sch.merge(*[sch.get_loops(block)[-2] for block in blocks])
+
+
 def _vectorize_row(sch: s_tir.Schedule, block, vec: int) -> None:
     """Split a block's innermost loop (over N) into [outer, vec] and vectorize the vec lanes
     (vec 1: N odd, or N = 1, where the loop over N is gone)."""
@@ -191,6 +200,7 @@ __all__ = [
     "default_knobs",
     "parts_for",
     "partials_sum",
+    "one_pass_over_row",
     "rfactor_lanes",
     "rowwise",
     "structures",

@@ -457,6 +457,8 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     _spread_row(sch, reduce, threads, vec, vectorize=False, **spread)
     for write_back in write_backs:
         _spread_row(sch, write_back, threads, vec, vectorize=True, lanes=4, **spread)
+    if not gpu and not staged:
+        cpu.one_pass_over_row(sch, [dx, *accumulators], kernel)
     # Decompose last: binding a loop of a decomposed reduction fails ("compact dataflow").
     for acc in accumulators:
         sch.decompose_reduction(acc, sch.get_loops(acc)[len(merged) - 2])  # at the step loop
