@@ -26,8 +26,11 @@ def configure_thread_pool(threads: int | None = None) -> int:
     a container grants. Needs only the TVM runtime."""
     import tvm
 
-    if os.environ.get("TVM_NUM_THREADS"):
-        return tvm.get_global_func("runtime.NumThreads")()
+    explicit = os.environ.get("TVM_NUM_THREADS", "").strip()
+    if explicit:
+        # Not runtime.NumThreads(): that creates the pool, and a pool of one worker binds the
+        # calling thread to core 0 (TVM 0.27's default affinity mode), torch's threads included.
+        return max(1, int(explicit)) if explicit.isdigit() else 1
     threads = threads or host_threads()
     try:
         cpus = sorted(os.sched_getaffinity(0))
