@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from tvm import s_tir
 from tvm.tirx import AttrStmt, For, ForKind, IntImm, PrimFunc, SeqStmt
 
-from schedules import cluster, tir_tree
+from schedules import cluster, cpu, tir_tree
 from schedules.knobs import Recorder, annotate_unroll
 from schedules.targets import TargetInfo
 from te_ops.layer_norm import BACKWARD_STAGES, ROW_GRANULE, Kernel
@@ -108,7 +108,7 @@ def parts_for(target: TargetInfo, hidden: int, dtype: str) -> int:
     chunk and re-read by the sum) small against the rows themselves.
     """
     if not target.is_gpu:
-        return 16
+        return cpu.parts_for(target)
     row_bytes = hidden * (4 if dtype == "float32" else 2)
     waves = 8 if row_bytes <= 2048 else 4 if row_bytes <= 8192 else 2
     return waves * target.cores
@@ -309,6 +309,7 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     """
     gpu = target.is_gpu
     vec = vector_width(kernel, target)
+    local = "local" if gpu else cpu.SCOPE  # per-row buffers on a CPU's stack (schedules.cpu)
     cacheable = (0,) if _legalized_bf16(kernel, target) and gpu else (1, 0)
     cache_rows = knobs.structural(sch, "cache_rows", cacheable)
     cache_gamma = knobs.structural(
@@ -341,6 +342,8 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     row_scalars = knobs.structural(sch, "row_scalars", (0, 1) if target.family != "rocm" else (0,))
     kept += ("crow",) if row_scalars else ()
     inline_stages(sch, keep=kept)
+    # CPUs: c1 and c2 over vector accumulators (schedules.cpu), rfactored while "c" is alone.
+    row_lanes = None if gpu else cpu.rfactor_lanes(sch, "c", kernel, knobs)
     dx_write_back = _row_write_back(sch, "dx", vec, gpu)
     # The row sums' per-block half (the cluster's rank is its first spatial loop after rfactor).
     reduce = cluster.split_reduction(sch, "c") if split else sch.get_sblock("c")
@@ -358,7 +361,7 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     accumulators, write_backs = [], []
     for name in ("dgamma_part", "dbeta_part"):
         # The original block now accumulates in registers; the returned one writes them back.
-        write_backs.append(sch.cache_write(sch.get_sblock(name), 0, "shared.dyn" if shared_acc else "local"))
+        write_backs.append(sch.cache_write(sch.get_sblock(name), 0, "shared.dyn" if shared_acc else local))
         acc = sch.get_sblock(name)
         p, j, r = sch.get_loops(acc)
         ranks = ()
@@ -388,27 +391,29 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     for write_back in write_backs:
         sch.reverse_compute_at(write_back, outer)
     for index in (0, 1):  # c1, c2
-        sch.set_scope(sch.get_sblock("c"), index, "local")
+        sch.set_scope(sch.get_sblock("c"), index, local)
         if split:
-            sch.set_scope(reduce, index, "local")
+            sch.set_scope(reduce, index, local)
     if row_scalars:
         crow = sch.get_sblock("crow")
         sch.compute_at(crow, row)
-        sch.set_scope(crow, 0, "local")
+        sch.set_scope(crow, 0, local)
         sch.unroll(sch.get_loops(crow)[-1])
     if split:  # after its consumers: the block that adds the halves, the cluster exchange later
         sch.compute_at(sch.get_sblock("c"), row)
+    if row_lanes is not None:
+        cpu.vectorize_lanes(sch, row_lanes, row)
     dx = sch.get_sblock("dx")
     readers = {"x": sch.get_sblock("xhat"), "dy": sch.get_sblock("dyf")} if staged else {"x": dx, "dy": dx}
     for name in (n for n in ("xhat", "dyg", "dyf", "gammaf") if n in kept):  # consumers before producers
         sch.compute_at(sch.get_sblock(name), outer if name == "gammaf" else row)
         shared = name == "gammaf" and cache_gamma == GAMMA_SHARED
-        sch.set_scope(sch.get_sblock(name), 0, "shared.dyn" if shared else "local")
+        sch.set_scope(sch.get_sblock(name), 0, "shared.dyn" if shared else local)
     caches = []
     # Every reader of x, dy and gamma shares its cache, so no consumer_blocks: trace simplification
     # drops the get_sblock instructions that only feed such a list.
     for buffer in ("x", "dy") if cache_rows else ():
-        cache = sch.cache_read(readers[buffer], _read_index(sch, readers[buffer], buffer), "local")
+        cache = sch.cache_read(readers[buffer], _read_index(sch, readers[buffer], buffer), local)
         sch.compute_at(cache, step)
         if rows_per_step > 1:
             # Steps start at an even row (chunks are `granule` multiples), so row % step names the
@@ -426,7 +431,7 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     gamma_cache = None
     if cache_gamma and "gammaf" not in kept:
         reader = sch.get_sblock("dyg") if "dyg" in kept else dx
-        gamma_cache = sch.cache_read(reader, _read_index(sch, reader, "gamma"), "local")
+        gamma_cache = sch.cache_read(reader, _read_index(sch, reader, "gamma"), local)
         sch.compute_at(gamma_cache, outer)
         caches.append(gamma_cache)
     if split:
@@ -453,9 +458,13 @@ def one_pass_backward(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, k
     _spread_row(sch, reduce, threads, vec, vectorize=False, **spread)
     for write_back in write_backs:
         _spread_row(sch, write_back, threads, vec, vectorize=True, lanes=4, **spread)
+    if not gpu and not staged:
+        cpu.one_pass_over_row(sch, [dx, *accumulators], kernel)
     # Decompose last: binding a loop of a decomposed reduction fails ("compact dataflow").
     for acc in accumulators:
         sch.decompose_reduction(acc, sch.get_loops(acc)[len(merged) - 2])  # at the step loop
+    if row_lanes is not None:
+        cpu.decompose_lanes(sch, row_lanes)
     if gpu:
         _unroll(sch, chunk, knobs, explicit=bool(explicit_unroll))
     if needs_unbound_pair(kernel, target):
@@ -535,9 +544,16 @@ def unbind_pair_reduction(sch: s_tir.Schedule) -> None:
     updates read disjoint buffers, so the order does not matter). Not a traced primitive: tuning
     applies it again as a postprocessor (schedules.tune).
     """
+    for name in ("c", "c_rf", "c_rf_update"):  # c_rf: the CPU's vector lanes of the pair (schedules.cpu)
+        try:
+            _unbind_pair(sch, sch.get_sblock(name))
+        except s_tir.ScheduleError:  # no such block
+            continue
+
+
+def _unbind_pair(sch: s_tir.Schedule, rv) -> None:
     from tvm import tirx
 
-    rv = sch.get_sblock("c")
     block = sch.get(rv)
     if not any(isinstance(stmt, tirx.stmt.Bind) for stmt in block.body.seq):
         return
@@ -586,9 +602,13 @@ def partials_sum(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, knobs)
 SPACES = {"forward": rowwise, "forward_stats": rowwise, "backward": one_pass_backward, "backward_sum": partials_sum}
 
 
+# CPUs: schedules.cpu, but for the backward, which shares one_pass_backward (its row sums in cpu).
+CPU_SPACES = {**SPACES, "forward": cpu.rowwise, "forward_stats": cpu.rowwise, "backward_sum": cpu.partials_sum}
+
+
 def apply(sch: s_tir.Schedule, kernel: Kernel, target: TargetInfo, knobs) -> None:
     """Schedule `kernel` in place with the design space of its op."""
-    SPACES[kernel.op](sch, kernel, target, knobs)
+    (SPACES if target.is_gpu else CPU_SPACES)[kernel.op](sch, kernel, target, knobs)
 
 
 def structures(kernel: Kernel, target: TargetInfo) -> list[dict[str, int]]:
@@ -596,13 +616,15 @@ def structures(kernel: Kernel, target: TargetInfo) -> list[dict[str, int]]:
     if kernel.op == "backward" and target.is_gpu:
         cacheable = (0,) if _legalized_bf16(kernel, target) else (1, 0)
         return [{"cache_rows": r, "cache_gamma": g, "chunked": c} for r in cacheable for g in cacheable for c in (0, 1)]
+    if kernel.op == "backward":
+        return cpu.structures(kernel)
     return [{}]
 
 
 def default_knobs(kernel: Kernel, target: TargetInfo) -> dict[str, int]:
     """The baseline: knob values chosen by rule (a few vectors per thread, registers within budget)."""
     if not target.is_gpu:
-        return {"cache_rows": 1, "cache_gamma": 1, "chunked": 1, "rows_per_step": 1}
+        return cpu.default_knobs(kernel)
     if kernel.op == "backward_sum":
         # Measured on the H100 over every split (lntune select, 2026-11-26): 32 columns a block with
         # P split over 8 lanes (N <= 4096) or 4 (longer rows, more blocks already) took half the time

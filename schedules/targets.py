@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import tvm
 
+from schedules import host
+
 
 @dataclass(frozen=True)
 class TargetInfo:
@@ -42,6 +44,15 @@ class TargetInfo:
         return {"cpu": tvm.cpu, "cuda": tvm.cuda, "rocm": tvm.rocm}[self.family](index)
 
 
+def _host_cpu() -> TargetInfo:
+    """This host's CPU: LLVM's name for it (so the code uses its vector units: without one, LLVM
+    targets baseline x86-64, SSE2) and the cores this process may use. An export is made for the
+    host that exports it (the manifest records the spec); the thread count is not compiled in, the
+    runtime pool of the process that loads the library decides it (schedules.host)."""
+    spec = host.host_spec({"kind": "llvm"})
+    return TargetInfo("llvm", spec, "cpu", cores=spec["num-cores"], notes=f"host CPU ({spec['mcpu']}, LLVM)")
+
+
 def _cuda(name: str, arch: str, sms: int, shared: int, dynamic: int, notes: str) -> TargetInfo:
     spec = {
         "kind": "cuda",
@@ -71,7 +82,7 @@ def _rocm(name: str, mcpu: str, cus: int, notes: str) -> TargetInfo:
 TARGETS: dict[str, TargetInfo] = {
     t.name: t
     for t in (
-        TargetInfo("llvm", {"kind": "llvm", "num-cores": 2}, "cpu", cores=2, notes="host CPU (x86-64 LLVM)"),
+        _host_cpu(),
         # Opt-in dynamic shared memory per block: 163 KB (A100), 227 KB (H100), CUDA guide table 21.
         _cuda("cuda-sm80", "sm_80", 108, 49152, 163 * 1024, "NVIDIA A100 (108 SMs)"),
         _cuda("cuda-sm90", "sm_90", 132, 49152, 227 * 1024, "NVIDIA H100 SXM (132 SMs)"),

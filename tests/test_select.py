@@ -140,7 +140,8 @@ def test_a_selected_backward_variant_is_exported_and_correct(tmp_path, dtype, ch
     counts that end a chunk mid-step."""
     target = get_target("llvm")
     kernel = _cpu_backward(dtype=dtype)
-    knobs = {**database.baseline_knobs(kernel, target), **changed}
+    # On the CPU baseline's cached rows and gamma (since it re-reads them, staging needs them set).
+    knobs = {**database.baseline_knobs(kernel, target), "cache_rows": 1, "cache_gamma": 1, **changed}
     (tmp_path / "logs" / "llvm").mkdir(parents=True)
     selection = {kernel.name: {"choice": "variant", "label": "variant1", "knobs": knobs, "us": {"variant1": 1.0}}}
     (tmp_path / "logs" / "llvm" / "selection.json").write_text(json.dumps(selection))
