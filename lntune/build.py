@@ -23,13 +23,16 @@ MANIFEST = "manifest.json"
 # Lowers the copies that spaces.software_pipeline marks asynchronous to cp.async (the prefetching
 # CUDA backward); built without it those copies are plain loads and stores, correct but serial.
 PASS_CONFIG = {"tirx.use_async_copy": True}
+
+
 def compile_module(mod: tvm.IRModule, target: TargetInfo):
     """tvm.compile for `target` with the host as LLVM, lntune's pass configuration and its TIR
     pipeline (TVM's, then the device-kernel rewrites of schedules.pipeline), lntune's hooks in force
     for this build only (schedules.hooks: the pipeline, the CUDA source rewrites, 64-bit cp.async
     offsets, CUDA compiled for the target's architecture where a driver is loaded)."""
     with hooks.installed(target), tvm.transform.PassContext(config=PASS_CONFIG):
-        tvm_target = tvm.target.Target(target.spec, host="llvm")
+        # A CPU library is all host code: built for the target's CPU, not for baseline x86-64.
+        tvm_target = tvm.target.Target(target.spec, host=target.spec if target.family == "cpu" else "llvm")
         return tvm.compile(mod, target=tvm_target, tir_pipeline=pipeline.PIPELINE)
 
 
@@ -106,9 +109,12 @@ def export_library(lib, path: str | Path, target: TargetInfo) -> None:
         lib.export_library(str(path))
         return
     arch = toolchain.cuda_arch(target)
-    lib.export_library(str(path), fpack_imports=lambda mod, system_lib, prefix, workspace: _pack_with_machine_code(
-        mod, system_lib, prefix, workspace, arch
-    ))
+    lib.export_library(
+        str(path),
+        fpack_imports=lambda mod, system_lib, prefix, workspace: _pack_with_machine_code(
+            mod, system_lib, prefix, workspace, arch
+        ),
+    )
 
 
 def _pack_with_machine_code(mod, system_lib: bool, prefix: str, workspace: str, arch: str) -> str:

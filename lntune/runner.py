@@ -57,6 +57,19 @@ def _register_device_backend(family: str) -> None:
         ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
 
 
+def _check_host_cpu(manifest: dict, path: Path) -> None:
+    """An llvm library holds code for the CPU it was exported for (its vector instructions): on
+    another CPU it could die of an illegal instruction, so it is refused by name. Checked where the
+    TVM compiler is loaded (it names this host's CPU); the runtime-only TVM cannot tell."""
+    built_for = manifest.get("target_spec", {}).get("mcpu")
+    system_cpu = tvm.get_global_func("target.llvm_get_system_cpu", allow_missing=True)
+    if built_for and system_cpu is not None and built_for != system_cpu():
+        raise files.LibraryError(
+            f"{path}: this llvm library was exported for CPU {built_for}, this host is {system_cpu()}; "
+            "export it again here (lntune export --target llvm)"
+        )
+
+
 def _torch():
     """The torch module if the process imported it (a torch tensor cannot exist otherwise)."""
     return sys.modules.get("torch")
@@ -250,6 +263,11 @@ class Library:
         self.manifest = manifest
         self.family = manifest["device"]
         _register_device_backend(self.family)
+        if self.family == "cpu":
+            _check_host_cpu(manifest, directory / MANIFEST)
+            from schedules.host import ensure_thread_pool
+
+            ensure_thread_pool()  # TVM's default is half the machine's CPUs, whatever the process is granted
         # Through loadable_path: dlopen would hand back an earlier export at the same path.
         self.module = tvm.runtime.load_module(files.loadable_path(directory / LIBRARY))
         files.check_functions(manifest, self.module, directory / MANIFEST)

@@ -80,7 +80,8 @@ def _target_for(device: torch.device) -> tuple[str, str]:
     from schedules.targets import TARGETS
 
     if device.type == "cpu":
-        return "llvm", f"cpu-{platform.machine()}"
+        # The cache's llvm libraries hold code for this host's CPU (its vector units): keyed by it.
+        return "llvm", f"cpu-{platform.machine()}-{TARGETS['llvm'].spec['mcpu']}"
     if device.type != "cuda":
         raise ValueError(f"lntune has no kernels for {device.type} tensors (CPU, NVIDIA and AMD GPUs only)")
     name = torch.cuda.get_device_name(device)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+_CONFIGURED = False  # configure_thread_pool has run in this process
+
 
 def host_threads() -> int:
     """The cores this process may run on (its affinity mask: what a container or taskset grants)."""
@@ -26,6 +28,8 @@ def configure_thread_pool(threads: int | None = None) -> int:
     a container grants. Needs only the TVM runtime."""
     import tvm
 
+    global _CONFIGURED
+    _CONFIGURED = True
     explicit = os.environ.get("TVM_NUM_THREADS", "").strip()
     if explicit:
         # Not runtime.NumThreads(): that creates the pool, and a pool of one worker binds the
@@ -43,6 +47,12 @@ def configure_thread_pool(threads: int | None = None) -> int:
     return tvm.get_global_func("runtime.NumThreads")()
 
 
+def ensure_thread_pool() -> None:
+    """configure_thread_pool() once a process, unless the process configured the pool itself."""
+    if not _CONFIGURED:
+        configure_thread_pool()
+
+
 def host_spec(base: dict) -> dict:
     """The llvm target of this host: `base` with its CPU (LLVM's name for it, so the code uses its
     vector units) and its core count (what MetaSchedule's CPU rules size parallel work by)."""
@@ -51,4 +61,4 @@ def host_spec(base: dict) -> dict:
     return {**base, "mcpu": codegen.llvm_get_system_cpu(), "num-cores": host_threads()}
 
 
-__all__ = ["configure_thread_pool", "host_spec", "host_threads"]
+__all__ = ["configure_thread_pool", "ensure_thread_pool", "host_spec", "host_threads"]

@@ -4,6 +4,7 @@ vectorized, results independent of the thread count, and its design space tunabl
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ import numpy as np
 import pytest
 import tvm
 
+import lntune
 from lntune.build import export, kernel_library, kernels_for
+from lntune.files import LibraryError
 from schedules import cpu, database, host, spaces
 from schedules.knobs import Sampled, decisions_of
 from schedules.targets import get_target
@@ -56,12 +59,12 @@ import hashlib, os, sys
 import numpy as np
 from schedules import host
 import lntune
-lib = lntune.load(sys.argv[1])
 wanted = int(sys.argv[2])
 tasks = lambda: len(os.listdir("/proc/self/task"))
 before = tasks()
 if wanted:
     print("pool", host.configure_thread_pool(wanted))
+lib = lntune.load(sys.argv[1])  # sizes the pool to the host unless the process configured it
 rng = np.random.default_rng(0)
 x = rng.standard_normal((4099, 256), dtype=np.float32)
 dy = rng.standard_normal((4099, 256), dtype=np.float32)
@@ -153,3 +156,15 @@ def test_short_and_odd_rows_build_and_match_the_reference(tmp_path, hidden):
         for rows in (1, 33):
             bad = [r for r in check_variant(lib, hidden, dtype, rows, np.random.default_rng(hidden)) if not r.ok]
             assert not bad, [(r.op, r.output, r.error) for r in bad]
+
+
+def test_a_library_for_another_cpu_is_refused_by_name(small_library, tmp_path):
+    """Its code may use vector instructions this CPU lacks (an illegal instruction, a dead process):
+    refused at load, naming both CPUs, before anything runs."""
+    copy = tmp_path / "other"
+    shutil.copytree(small_library, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["target_spec"]["mcpu"] = "some-other-cpu"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LibraryError, match="exported for CPU some-other-cpu, this host is"):
+        lntune.load(copy)
