@@ -409,6 +409,13 @@ def _one_line(err: BaseException) -> str:
     return lines[-1].strip() if any("Traceback" in line for line in lines) else " ".join(lines)
 
 
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush into a closed pipe is silent."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     try:
@@ -422,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader left (`lntune inspect DIR | head`): not an error of ours
+        _quiet_stdout()
+        return 0
     except (ValueError, TypeError, OSError, RuntimeError) as err:  # files.LibraryError is a ValueError
         print(f"lntune {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2

@@ -180,3 +180,17 @@ def test_export_keeps_other_files_and_records_the_library(small_export, tmp_path
     assert manifest["library_sha256"] == files.file_digest(out / files.LIBRARY)
     assert json.loads((out / files.MANIFEST).read_text()) == manifest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lib"]  # no lock, no staging folder left
+
+
+def test_a_reader_that_leaves_early_is_not_an_error(small_export):
+    """`lntune inspect DIR | head -1`: the closed pipe ends the command quietly, exit 0."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    command = f"{sys.executable} -m lntune inspect {small_export} | head -1"
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], env=env, capture_output=True, text=True)
+    assert done.stdout.startswith("llvm library")
+    assert done.returncode == 0 and "Error" not in done.stderr, done.stderr
