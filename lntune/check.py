@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import tvm
 
-from lntune.runner import STATS_DTYPE, Library, _numpy_dtype
+from lntune.runner import STATS_DTYPE, Library, numpy_dtype
 from te_ops import reference
 
 EPS = 1e-5
@@ -46,7 +46,7 @@ def random_inputs(
     rows: int, hidden: int, dtype: str, rng: np.random.Generator, offset: float = 3.0, param_dtype: str | None = None
 ):
     """x (offset so |mean| > std) and dy of `dtype`, gamma and beta of `param_dtype` (default `dtype`)."""
-    np_dtype, np_param = _numpy_dtype(dtype), _numpy_dtype(param_dtype or dtype)
+    np_dtype, np_param = numpy_dtype(dtype), numpy_dtype(param_dtype or dtype)
     x = (rng.standard_normal((rows, hidden)) + offset).astype(np_dtype)
     gamma = (1.0 + 0.5 * rng.standard_normal(hidden)).astype(np_param)
     beta = rng.standard_normal(hidden).astype(np_param)
@@ -55,7 +55,7 @@ def random_inputs(
 
 
 def _poisoned(shape, dtype: str, device):
-    return tvm.runtime.tensor(np.full(shape, np.nan, dtype=_numpy_dtype(dtype)), device)
+    return tvm.runtime.tensor(np.full(shape, np.nan, dtype=numpy_dtype(dtype)), device)
 
 
 def _kernel(lib: Library, op: str, hidden: int, dtype: str, param_dtype: str):

@@ -40,7 +40,7 @@ _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 _TVM_DEVICES = {1: "cpu", 2: "cuda", 10: "rocm"}
 
 
-def _numpy_dtype(name: str):
+def numpy_dtype(name: str):
     if name == "bfloat16":
         import ml_dtypes
 

@@ -10,7 +10,7 @@ import pytest
 
 from lntune import toolchain
 from lntune.build import _check_request, export, kernel_source, kernels_for
-from lntune.runner import _numpy_dtype, load
+from lntune.runner import load, numpy_dtype
 from schedules import database, spaces
 from schedules.targets import get_target
 from te_ops import reference
@@ -86,7 +86,7 @@ def test_mixed_values_and_gradients_match_float64(mixed_library, dtype, hidden):
     y and dx come back 16-bit, dgamma and dbeta float32 with float32 accuracy."""
     lib = load(mixed_library)
     rng = np.random.default_rng()
-    act = _numpy_dtype(dtype)
+    act = numpy_dtype(dtype)
     x = (rng.standard_normal((37, hidden)) + 3).astype(act)
     dy = rng.standard_normal((37, hidden)).astype(act)
     gamma = (1 + 0.5 * rng.standard_normal(hidden)).astype(np.float32)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lntune.build import kernel_library, kernel_source
-from lntune.runner import _numpy_dtype
+from lntune.runner import numpy_dtype
 from schedules.targets import get_target
 from te_ops import reference
 from te_ops.layer_norm import Kernel
@@ -29,7 +29,7 @@ def test_rows_of_one_value_normalize_to_beta_exactly(llvm_library, dtype, hidden
     """x - mean is exactly 0 for a row of one value, so y is beta bit for bit at BERT's eps, where
     rstd is 1e6: a mean off by one unit in the last place gave |y - beta| ~ 1 (float32 -7.3, N = 1000)."""
     rng = np.random.default_rng()
-    np_dtype = _numpy_dtype(dtype)
+    np_dtype = numpy_dtype(dtype)
     x = np.repeat(np.array(CONSTANTS * 2)[:, None], hidden, axis=1).astype(np_dtype)
     gamma = (1 + 0.5 * rng.standard_normal(hidden)).astype(np_dtype)
     beta = rng.standard_normal(hidden).astype(np_dtype)
@@ -61,7 +61,7 @@ def test_rows_far_from_zero_are_at_least_as_accurate_as_torch(llvm_library, dtyp
     CPU layer_norm on the same rounded input (measured: float32 y 2.3e-4 against torch's 4.5e-4,
     rstd 7e-7 against 4e-5; the two-pass statistics before gave y 3.3e-3)."""
     rng = np.random.default_rng()
-    np_dtype = _numpy_dtype(dtype)
+    np_dtype = numpy_dtype(dtype)
     x = (offset + rng.standard_normal((64, hidden))).astype(np_dtype)
     gamma = (1 + 0.5 * rng.standard_normal(hidden)).astype(np_dtype)
     beta = rng.standard_normal(hidden).astype(np_dtype)
