@@ -397,7 +397,8 @@ def test_cpu_bfloat16_backward_candidates_build():
     """On a CPU the pair reduction (and its vector lanes, c_rf) must lose its Bind form (tuning does
     it in a postprocessor): with it, TVM 0.27's bf16 legalization fails on row caches, or where rows
     are re-read builds a dx of garbage; with the postprocessor every design builds and is right."""
-    from lntune.select import _run_once, device_arguments
+    from lntune.select import device_arguments
+    from lntune.timing import run_once
     from schedules.tune import tune_context
     from te_ops import reference
 
@@ -410,7 +411,7 @@ def test_cpu_bfloat16_backward_candidates_build():
     want = reference.backward(*(a.numpy().astype(np.float32) for a in args[:5]))[0]
 
     def dx_error(mod) -> float:
-        dx = _run_once(tvm.compile(mod, target=llvm).mod, "main", args, [5])[0].astype(np.float32)
+        dx = run_once(tvm.compile(mod, target=llvm).mod, "main", args, [5])[0].astype(np.float32)
         return float(np.abs(dx - want).max() / np.abs(want).max())
 
     designs = context.space_generator.generate_design_space(context.mod)
