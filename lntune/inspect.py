@@ -107,7 +107,7 @@ _FATBIN_MAGIC = (0xBA55ED50).to_bytes(4, "little")
 
 
 def machine_code(blob: bytes) -> str | None:
-    """"cubin" when `blob` (a library) holds a CUDA ELF, "fatbin" when a fat binary, else None."""
+    """ "cubin" when `blob` (a library) holds a CUDA ELF, "fatbin" when a fat binary, else None."""
     if embedded_cubins(blob):
         return "cubin"
     return "fatbin" if _FATBIN_MAGIC in blob else None

@@ -54,7 +54,7 @@ def cuda_arch(target) -> str | None:
 
 
 def cuda_compiler() -> str:
-    """"nvrtc" or "nvcc": TVM's choice when it compiles with a driver present (TVM_CUDA_COMPILE_MODE,
+    """ "nvrtc" or "nvcc": TVM's choice when it compiles with a driver present (TVM_CUDA_COMPILE_MODE,
     NVRTC by default), NVRTC only where its Python bindings (cuda-bindings) are installed."""
     import importlib.util
 

@@ -24,6 +24,7 @@ _WANTED_BY: dict[str, Callable[[str], bool]] = {}
 class RewriteMissing(RuntimeError):
     """A kernel asks for a CUDA source rewrite whose pattern is not in the source TVM generated."""
 
+
 # TVM writes a float4 -> 4 x 16-bit conversion as four element casts into its half4_bfloat164
 # struct (8-byte aligned: x/y and z/w are 4-byte aligned pairs).
 _FOUR_CASTS = re.compile(

@@ -162,4 +162,3 @@ def _uninstall() -> None:
         if getattr(CODEGEN_REGISTRY.get(op), "lntune_original", None) is original:
             CODEGEN_REGISTRY[op] = original
     _saved.clear()
-
