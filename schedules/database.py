@@ -17,7 +17,7 @@ from pathlib import Path
 import tvm
 import tvm_ffi
 
-from schedules import backward, cluster, dependent_launch, private_copies, rewrites, rules, spaces, untuned
+from schedules import backward, cluster, dependent_launch, knob_sets, private_copies, rewrites, rules, spaces, untuned
 from schedules.knobs import IMPLICIT_UNROLL_KEY, Fixed, Recorder
 from schedules.targets import TargetInfo
 from te_ops.layer_norm import GRANULES, ROW_GRANULE, Kernel
@@ -582,6 +582,8 @@ def scheduled(kernel: Kernel, target: TargetInfo, knobs: dict) -> tvm.tirx.PrimF
     sch = tvm.s_tir.Schedule(kernel.prim_func())
     fixed = Fixed(knobs)
     spaces.apply(sch, kernel, target, fixed)
+    if target.is_gpu:  # the knobs it used are its family's, every one (schedules.knob_sets)
+        knob_sets.GPU_KNOB_SETS[kernel.op].from_dict(fixed.used)
     # The exchange first: it rewrites loops and blocks, which launch bounds wrap in an attribute.
     func = cluster.with_cluster_exchange(sch.mod["main"], cluster.protocol_for(fixed.values))
     if target.has_dependent_launch and kernel.op in LAUNCH_ROLES:

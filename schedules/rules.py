@@ -4,6 +4,7 @@ of row chunks), and the P values `lntune select --parts` times instead."""
 from __future__ import annotations
 
 from schedules import cpu
+from schedules.knob_sets import BackwardKnobs, RowwiseKnobs, SumKnobs
 from schedules.layout import thread_candidates, vector_width
 from schedules.rowwise import rows_per_block_candidates
 from schedules.targets import TargetInfo
@@ -19,34 +20,34 @@ def default_knobs(kernel: Kernel, target: TargetInfo) -> dict[str, int]:
         # P split over 8 lanes (N <= 4096) or 4 (longer rows, more blocks already) took half the time
         # of the previous rule (32 x 32 lanes, or 256 columns x 1 lane past 4096; docs/performance.md,
         # section 3).
-        return {"threads": 32, "lanes": 8 if kernel.hidden <= 4096 else 4, "unroll": 64}
+        return SumKnobs(threads=32, lanes=8 if kernel.hidden <= 4096 else 4, unroll=64).to_dict()
     if kernel.op in ("forward", "forward_stats"):
         cands = thread_candidates(kernel, target)
         vec = vector_width(kernel, target)
         threads = min(cands, key=lambda t: (abs(kernel.hidden / t / vec - 2), t))
         rows = max(1, min(rows_per_block_candidates(target)[-1], 128 // threads))
-        return {"threads": threads, "rows_per_block": rows, "unroll": 64}
+        return RowwiseKnobs(threads=threads, rows_per_block=rows, unroll=64).to_dict()
     # Rows past 16 KB: gamma stays in L1 instead of registers, and each thread owns a contiguous
     # piece of the row (see spread_row) so that the register caches stay registers.
     long_row = kernel.hidden * (4 if kernel.dtype == "float32" else 2) > 16384
     cands = thread_candidates(kernel, target, max_per_thread=32)
     threads = min(cands, key=lambda t: (abs(kernel.hidden / t - 16), -t))
-    return {
-        "cache_rows": 1,
-        "cache_gamma": int(not long_row),
-        "chunked": int(long_row),
-        "rows_per_step": 1,
-        "explicit_unroll": 1,
-        "shared_acc": 0,
-        "threads_per_sm": 0,
-        "stage_rows": 0,
-        "row_scalars": 0,
-        "prefetch": 0,
-        "private_copies": 0,
-        "cluster": 0,
-        "threads": threads,
-        "unroll": 64,
-    }
+    return BackwardKnobs(
+        cache_rows=1,
+        cache_gamma=int(not long_row),
+        chunked=int(long_row),
+        rows_per_step=1,
+        explicit_unroll=1,
+        shared_acc=0,
+        threads_per_sm=0,
+        stage_rows=0,
+        row_scalars=0,
+        prefetch=0,
+        private_copies=0,
+        cluster=0,
+        threads=threads,
+        unroll=64,
+    ).to_dict()
 
 
 def parts_for(target: TargetInfo, hidden: int, dtype: str) -> int:

@@ -485,3 +485,19 @@ def test_single_row_chunks_split_the_rows_evenly_and_keep_one_row_a_step():
             want_g, want_b = (dy[chunk_rows] * xhat[chunk_rows]).sum(0), dy[chunk_rows].sum(0)
             assert np.allclose(dgamma_part[p], want_g, rtol=1e-5, atol=1e-4), (chunk, p)
             assert np.allclose(dbeta_part[p], want_b, rtol=1e-5, atol=1e-4), (chunk, p)
+
+
+def test_knob_sets_hold_every_baseline_and_variant():
+    """The typed knob sets (schedules.knob_sets) name exactly the knobs each GPU family picks: every
+    baseline and every variant select times converts to one and back unchanged."""
+    from schedules.knob_sets import GPU_KNOB_SETS, BackwardKnobs
+
+    for name in ("cuda-sm90", "rocm-gfx942"):
+        target = get_target(name)
+        for kernel in kernels_for(8192, "bfloat16", target, parts=132, granule=2):
+            family = GPU_KNOB_SETS[kernel.op]
+            base = database.baseline_knobs(kernel, target)
+            for knobs in [base, *variants.variants(kernel, target, base)]:
+                assert family.from_dict(knobs).to_dict() == knobs
+    with pytest.raises(ValueError, match="BackwardKnobs takes"):
+        BackwardKnobs.from_dict({"threads": 128})
