@@ -20,7 +20,7 @@ from te_ops.layer_norm import DTYPE_SPECS, Kernel, parse_dtype_spec
 
 LIBRARY = "lntune.so"
 MANIFEST = "manifest.json"
-# Lowers the copies that spaces.software_pipeline marks asynchronous to cp.async (the prefetching
+# Lowers the copies that backward.software_pipeline marks asynchronous to cp.async (the prefetching
 # CUDA backward); built without it those copies are plain loads and stores, correct but serial.
 PASS_CONFIG = {"tirx.use_async_copy": True}
 

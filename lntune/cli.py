@@ -232,7 +232,7 @@ def cmd_tune(args) -> int:
 
 def cmd_prune(args) -> int:
     from lntune.build import kernels_for
-    from schedules import database, spaces
+    from schedules import database, rules
     from schedules.targets import get_target
     from schedules.tune import exclusive, prune
     from te_ops.layer_norm import GRANULES
@@ -244,7 +244,7 @@ def cmd_prune(args) -> int:
         h
         for n in args.hidden
         for d in args.dtype
-        for p in (None, spaces.parts_for(target, n, d))
+        for p in (None, rules.parts_for(target, n, d))
         for g in GRANULES
         for k in kernels_for(n, d, target, p, g)
         for h in database.workload_hashes(k, target)

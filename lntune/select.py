@@ -4,7 +4,7 @@ MetaSchedule measures each candidate with M fixed (static loops, no row predicat
 same schedule for symbolic M. The two can rank candidates differently, and the tuning spaces leave
 some structure out (rows per step, who unrolls), so this times, on the device and at M = elements / N,
 the exported form of the baseline, the tuned record and (backward on CUDA) a few structural
-variants around them (schedules.spaces.variants). A CUDA candidate whose ptxas report shows a
+variants around them (schedules.variants.variants). A CUDA candidate whose ptxas report shows a
 stack frame past STACK_LIMIT is left out. Every candidate is first run on poisoned outputs and
 compared with the baseline's results (today's choice's, where the baseline does not build).
 Candidates within TIE of the fastest are timed again at SMALL_ROWS rows, where the fastest of them
@@ -30,7 +30,8 @@ import tvm
 from lntune.build import kernel_library, kernels_for
 from lntune.inspect import stack_frame_bytes
 from lntune.timing import host_array, median_us, queued_us, relative_distance, run_once
-from schedules import database, spaces
+from schedules import database, rules, variants
+from schedules.backward import steps_for
 from schedules.targets import TargetInfo, get_target
 from te_ops.layer_norm import GRANULES, OPS, ROW_GRANULE, Kernel
 
@@ -89,7 +90,7 @@ def candidates(
     choice = database.choose(kernel, target, records, selection={})
     if not choice.source.startswith("baseline"):
         found["tuned"] = choice.knobs
-    for index, knobs in enumerate(spaces.variants(kernel, target, found.get("tuned", found["baseline"]))):
+    for index, knobs in enumerate(variants.variants(kernel, target, found.get("tuned", found["baseline"]))):
         if knobs not in found.values():
             found[f"variant{index}"] = knobs
     if focus:
@@ -334,7 +335,7 @@ def select(
 
 def select_parts(target_name: str, hidden: list[int], dtypes: list[str], elements: int = 1 << 26, log=print) -> Path:
     """Choose P and the backward's chunk granule per (N, dtype): time the backward and its partials
-    sum at every spaces.parts_candidates P (counted in blocks of a cluster kernel's chunk) with
+    sum at every rules.parts_candidates P (counted in blocks of a cluster kernel's chunk) with
     today's knobs, the backward at each granule those knobs allow (chunks of single rows need one
     row a step), keep the least total in selection.json (read by build.kernels_for), and give the
     kernels chosen verdicts with the knobs timed."""
@@ -350,7 +351,7 @@ def select_parts(target_name: str, hidden: list[int], dtypes: list[str], element
             choices = {k: database.choose(k, target, records, selection) for k in backward}
             blocks = max(choice.knobs.get("cluster", 0) or 1 for choice in choices.values())
             for kernel, choice in choices.items():
-                for parts in spaces.parts_candidates(target, blocks):
+                for parts in rules.parts_candidates(target, blocks):
                     for granule in _granules(kernel, choice.knobs):
                         moved = replace(kernel, parts=parts, granule=granule)
                         plan[moved], sources[moved] = {"today": choice.knobs}, choice.source
@@ -399,7 +400,7 @@ def _granules(kernel: Kernel, knobs: dict) -> tuple[int, ...]:
     step allow (the partials sum has no chunks)."""
     if kernel.op != "backward":
         return (ROW_GRANULE,)
-    return tuple(g for g in GRANULES if knobs.get("rows_per_step", 1) in spaces.steps_for(replace(kernel, granule=g)))
+    return tuple(g for g in GRANULES if knobs.get("rows_per_step", 1) in steps_for(replace(kernel, granule=g)))
 
 
 def _chunking_label(parts: int, granule: int) -> str:

@@ -68,7 +68,7 @@ def structures(kernel: Kernel) -> list[dict[str, int]]:
 
 
 def legalized_bf16(kernel: Kernel) -> bool:
-    """bfloat16 is emulated in float32 on CPUs (see spaces._legalized_bf16)."""
+    """bfloat16 is emulated in float32 on CPUs (see layout.legalized_bf16)."""
     return kernel.dtype == "bfloat16"
 
 

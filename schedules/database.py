@@ -17,7 +17,7 @@ from pathlib import Path
 import tvm
 import tvm_ffi
 
-from schedules import cluster, dependent_launch, private_copies, spaces, untuned
+from schedules import backward, cluster, dependent_launch, knob_sets, private_copies, rewrites, rules, spaces, untuned
 from schedules.knobs import IMPLICIT_UNROLL_KEY, Fixed, Recorder
 from schedules.targets import TargetInfo
 from te_ops.layer_norm import GRANULES, ROW_GRANULE, Kernel
@@ -49,7 +49,7 @@ def workload(kernel: Kernel, target: TargetInfo, legacy: bool = False) -> tvm.IR
     func = kernel.prim_func(rows=tune_rows(kernel, target), eps=TUNE_EPS, legacy=legacy)
     if kernel.op == "backward":
         sch = tvm.s_tir.Schedule(func)
-        spaces.inline_stages(sch)
+        backward.inline_stages(sch)
         func = tvm.tirx.transform.StmtSimplify()(sch.mod)["main"]
     return tvm.IRModule({"main": func})
 
@@ -268,7 +268,7 @@ def _structure(trace_json) -> tuple[tuple[str, int], ...]:
         ("cache_rows", int(caches >= 2)),
         ("cache_gamma", caches % 2),
         ("chunked", chunked),
-        ("rows_per_step", int(_annotation(insts, spaces.ROWS_PER_STEP_KEY) or 1)),
+        ("rows_per_step", int(_annotation(insts, backward.ROWS_PER_STEP_KEY) or 1)),
         ("explicit_unroll", int(_annotation(insts, IMPLICIT_UNROLL_KEY) is None)),
     )
 
@@ -302,8 +302,8 @@ class Choice:
 
 
 def baseline_knobs(kernel: Kernel, target: TargetInfo) -> dict:
-    """The rule-chosen knobs (spaces.default_knobs), completed and validated by one dry run."""
-    fixed = Fixed(spaces.default_knobs(kernel, target))
+    """The rule-chosen knobs (rules.default_knobs), completed and validated by one dry run."""
+    fixed = Fixed(rules.default_knobs(kernel, target))
     spaces.apply(tvm.s_tir.Schedule(kernel.prim_func()), kernel, target, fixed)
     return fixed.used
 
@@ -357,7 +357,7 @@ def selected_parts(target: TargetInfo, hidden: int, dtype: str, selection: dict 
     parts = selection.get(parts_key(hidden, dtype), {}).get("parts")
     if isinstance(parts, int) and parts > 0:
         return parts
-    return spaces.parts_for(target, hidden, dtype)
+    return rules.parts_for(target, hidden, dtype)
 
 
 def _timings(verdict: dict) -> str:
@@ -390,7 +390,7 @@ def _record_sources(kernel: Kernel, target: TargetInfo) -> list[tuple[Kernel, st
             for k, label in _record_sources(replace(kernel, granule=ROW_GRANULE), target)
         ]
     sources = [(kernel, "tuned")]
-    rule = spaces.parts_for(target, kernel.hidden, kernel.dtype) if kernel.parts else kernel.parts
+    rule = rules.parts_for(target, kernel.hidden, kernel.dtype) if kernel.parts else kernel.parts
     if rule != kernel.parts:
         sources.append((replace(kernel, parts=rule), f"transfer:p{rule}"))
     if kernel.dtype in TWIN_DTYPES:
@@ -542,7 +542,7 @@ def _from_cuda(kernel: Kernel, target: TargetInfo) -> Choice:
     # Who unrolls and how many rows a step were chosen for nvcc; with LLVM's AMDGPU backend the
     # implicit unrolling loses the 16-byte loads (measured in the gfx942 ISA), so they stay default.
     carried = {name: value for name, value in chosen.knobs.items() if name not in NVCC_KNOBS}
-    fixed = Fixed({**spaces.default_knobs(kernel, target), **carried})
+    fixed = Fixed({**rules.default_knobs(kernel, target), **carried})
     spaces.apply(tvm.s_tir.Schedule(kernel.prim_func()), kernel, target, fixed)
     return Choice(fixed.used, f"transfer:{cuda.name}:untimed:{chosen.source}")
 
@@ -582,11 +582,13 @@ def scheduled(kernel: Kernel, target: TargetInfo, knobs: dict) -> tvm.tirx.PrimF
     sch = tvm.s_tir.Schedule(kernel.prim_func())
     fixed = Fixed(knobs)
     spaces.apply(sch, kernel, target, fixed)
+    if target.is_gpu:  # the knobs it used are its family's, every one (schedules.knob_sets)
+        knob_sets.GPU_KNOB_SETS[kernel.op].from_dict(fixed.used)
     # The exchange first: it rewrites loops and blocks, which launch bounds wrap in an attribute.
     func = cluster.with_cluster_exchange(sch.mod["main"], cluster.protocol_for(fixed.values))
     if target.has_dependent_launch and kernel.op in LAUNCH_ROLES:
         func = dependent_launch.with_dependency(func, LAUNCH_ROLES[kernel.op])
     if fixed.used.get("private_copies"):
         func = func.with_attr(private_copies.PRIVATE_KEY, True)
-    func = spaces.with_launch_bounds(func)
+    func = rewrites.with_launch_bounds(func)
     return func.with_attr("global_symbol", kernel.name)

@@ -4,7 +4,7 @@ A prefetching backward (`one_pass_backward`'s `prefetch`) copies the x and dy ro
 step into shared memory with cp.async, and reads them back into registers at that step. TVM's
 pipeline puts a block barrier (__syncthreads) after each wait for the copies and ThreadSync one
 before each copy into a buffer that was read one step before: it cannot see that the copy and
-the read are spread over the threads alike (the same `_spread_row` layout), so that each thread
+the read are spread over the threads alike (the same `layout.spread_row` layout), so that each thread
 reads back only the bytes it copied itself. A thread's own cp.async writes are visible to it
 after its cp.async.wait_group, and its read of a buffer slot has returned (the row's arithmetic
 used it) before it issues, later in its own program order, the copy that refills the slot. Those

@@ -14,7 +14,7 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 from lntune import files
-from schedules import spaces
+from schedules import rewrites, spaces
 from schedules.database import (
     RECORDS,
     TUNING_LOGS,
@@ -50,7 +50,7 @@ def design_space(kernel: Kernel, target: TargetInfo) -> ms.space_generator.Sched
     postprocs = [ms.postproc.RewriteParallelVectorizeUnroll()]
     if target.is_gpu:
         postprocs.append(ms.postproc.VerifyGPUCode())
-    if spaces.needs_unbound_pair(kernel, target):
+    if rewrites.needs_unbound_pair(kernel, target):
         postprocs.append(UnbindPairReduction())
     return ms.space_generator.ScheduleFn(
         sample, sch_rules=[], postprocs=postprocs, mutator_probs={ms.mutator.MutateUnroll(): 1.0}
@@ -59,13 +59,13 @@ def design_space(kernel: Kernel, target: TargetInfo) -> ms.space_generator.Sched
 
 @derived_object
 class UnbindPairReduction(ms.postproc.PyPostproc):
-    """spaces.unbind_pair_reduction on each candidate (a CPU bfloat16 backward needs it to build)."""
+    """rewrites.unbind_pair_reduction on each candidate (a CPU bfloat16 backward needs it to build)."""
 
     def _initialize_with_tune_context(self, context: ms.TuneContext) -> None:
         pass
 
     def apply(self, sch) -> bool:
-        spaces.unbind_pair_reduction(sch)
+        rewrites.unbind_pair_reduction(sch)
         return True
 
     def clone(self) -> UnbindPairReduction:

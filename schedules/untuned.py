@@ -12,10 +12,10 @@ So an untuned N of a dtype takes, op by op, the choice of the nearest tuned N of
 candidates so that each thread holds as many elements as at the source, and the cluster split
 kept (or the source refused where N cannot split). The P of the backward and its sum is fitted
 over the three tuned N of the dtype nearest N: least squares of log P (in blocks) on log N, rounded
-to the nearest of `spaces.parts_candidates`; the granule is the source's. A scaled backward must fit the design
-space, the register file (`spaces.registers_needed` a thread times the block's threads, and
+to the nearest of `rules.parts_candidates`; the granule is the source's. A scaled backward must fit the design
+space, the register file (`estimates.registers_needed` a thread times the block's threads, and
 times the resident threads it asks ptxas for) and the dynamic shared memory
-(`spaces.shared_bytes_needed`); if not, the next-nearest tuned N is tried, and with none left the
+(`estimates.shared_bytes_needed`); if not, the next-nearest tuned N is tried, and with none left the
 kernel takes the baseline.
 
 Left-one-out over the committed selection (each tuned N held out, the rule applied from the others,
@@ -35,7 +35,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from schedules import spaces
+from schedules import backward, estimates, layout, rules
 from schedules.targets import TargetInfo
 from te_ops.layer_norm import GRANULES, ROW_GRANULE, Kernel
 
@@ -67,8 +67,8 @@ def own_chunking(target: TargetInfo, hidden: int, dtype: str, selection: dict) -
 
 
 def chunking_of_tuned(target: TargetInfo, hidden: int, dtype: str, selection: dict) -> tuple[int, int]:
-    """The chunking a tuned N exports with: its recorded one, else the rule of spaces.parts_for."""
-    return own_chunking(target, hidden, dtype, selection) or (spaces.parts_for(target, hidden, dtype), ROW_GRANULE)
+    """The chunking a tuned N exports with: its recorded one, else the rule of rules.parts_for."""
+    return own_chunking(target, hidden, dtype, selection) or (rules.parts_for(target, hidden, dtype), ROW_GRANULE)
 
 
 def tuned_hiddens(target: TargetInfo, dtype: str, selection: dict) -> list[int]:
@@ -122,7 +122,7 @@ def fitted_blocks(target: TargetInfo, hidden: int, dtype: str, selection: dict, 
     spread = sum((x - mean_x) ** 2 for x, _ in points)
     slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / spread if spread else 0.0
     wanted = mean_y + slope * (math.log2(hidden) - mean_x)
-    return min(spaces.parts_candidates(target), key=lambda b: (abs(math.log2(b) - wanted), -b))
+    return min(rules.parts_candidates(target), key=lambda b: (abs(math.log2(b) - wanted), -b))
 
 
 def _thread_count(kernel: Kernel, target: TargetInfo, candidates: list[int], per_thread: float) -> int:
@@ -134,12 +134,12 @@ def fits_budget(kernel: Kernel, target: TargetInfo, knobs: dict) -> bool:
     """A backward's knobs within the register file and dynamic shared memory (the design space's
     own estimates): a block's threads at their estimated registers fit one SM, and so do the
     resident threads it asks ptxas for."""
-    need = spaces.registers_needed(kernel, knobs)
-    if need > REGISTERS_PER_THREAD or need * knobs["threads"] > spaces.REGISTERS_PER_SM:
+    need = estimates.registers_needed(kernel, knobs)
+    if need > REGISTERS_PER_THREAD or need * knobs["threads"] > estimates.REGISTERS_PER_SM:
         return False
-    if knobs.get("threads_per_sm") and need * knobs["threads_per_sm"] > spaces.REGISTERS_PER_SM:
+    if knobs.get("threads_per_sm") and need * knobs["threads_per_sm"] > estimates.REGISTERS_PER_SM:
         return False
-    return spaces.shared_bytes_needed(kernel, knobs) <= target.dynamic_shared_bytes
+    return estimates.shared_bytes_needed(kernel, knobs) <= target.dynamic_shared_bytes
 
 
 def scale_backward(kernel: Kernel, target: TargetInfo, knobs: dict, source_hidden: int, exact) -> dict | None:
@@ -149,15 +149,15 @@ def scale_backward(kernel: Kernel, target: TargetInfo, knobs: dict, source_hidde
     thread holds as many elements of its block's columns as at the source; an occupancy request
     that no longer fits the threads is dropped. `exact(kernel, knobs)`: database.exact_knobs."""
     split = knobs.get("cluster") or 0
-    if split and not spaces.clusterable(kernel, target):
+    if split and not backward.clusterable(kernel, target):
         return None
-    block = spaces._block_kernel(kernel, split)
+    block = layout.block_kernel(kernel, split)
     per_thread = source_hidden / (split or 1) / knobs["threads"]
-    candidates = spaces.thread_candidates(block, target, max_per_thread=32 if knobs["cache_rows"] else 64)
+    candidates = layout.thread_candidates(block, target, max_per_thread=32 if knobs["cache_rows"] else 64)
     scaled = {**knobs, "threads": _thread_count(block, target, candidates, per_thread)}
     if scaled.get("threads_per_sm") and scaled["threads_per_sm"] < scaled["threads"]:
         scaled["threads_per_sm"] = 0
-    if scaled["rows_per_step"] not in spaces.steps_for(kernel):
+    if scaled["rows_per_step"] not in backward.steps_for(kernel):
         return None
     if not fits_budget(kernel, target, scaled):
         return None
@@ -167,7 +167,7 @@ def scale_backward(kernel: Kernel, target: TargetInfo, knobs: dict, source_hidde
 def scale_rowwise(kernel: Kernel, target: TargetInfo, knobs: dict, source_hidden: int, exact) -> dict | None:
     """A tuned forward (or forward_stats) carried to `kernel`'s N: as many elements a thread, the
     rows a block kept while the block stays within the target's threads."""
-    candidates = spaces.thread_candidates(kernel, target)
+    candidates = layout.thread_candidates(kernel, target)
     threads = _thread_count(kernel, target, candidates, source_hidden / knobs["threads"])
     rows = knobs.get("rows_per_block", 1)
     while rows > 1 and threads * rows > target.max_threads:

@@ -22,7 +22,7 @@ MIXED_PARAMS = {"float16": ("float32",), "bfloat16": ("float32",)}
 DTYPE_SPECS = DTYPES + tuple(f"{d}:{p}" for d, params in MIXED_PARAMS.items() for p in params)
 OPS = ("forward", "forward_stats", "backward", "backward_sum")
 # Backward chunks hold a multiple of this many rows, so a schedule can step through them that many
-# at a time without a remainder (schedules.spaces.ROWS_PER_STEP). A backward may instead round its
+# at a time without a remainder (schedules.backward.ROWS_PER_STEP). A backward may instead round its
 # chunks to single rows (Kernel.granule 1): one row a step only, but no block gets a row more than
 # it must (M = 4096 over 66 chunks: 63 rows at most, not 64).
 ROW_GRANULE = 2
@@ -113,7 +113,7 @@ def _row_moments(x: te.Tensor, n: int) -> _Moments:
     """
     rows = x.shape[0]
     # x widened: a schedule inlines it (the row cached as x) or keeps the row so (bfloat16 where it
-    # is emulated: schedules.spaces._legalized_bf16).
+    # is emulated: schedules.layout.legalized_bf16).
     xf = te.compute(x.shape, lambda i, j: _f32(x[i, j]), name="x_f32")
     k1 = te.reduce_axis((0, _dim(n)), "k1")
     x_sum = te.compute((rows,), lambda i: te.sum(xf[i, k1], axis=k1), name="x_sum")

@@ -16,7 +16,7 @@ import tvm
 from lntune import inspect
 from lntune.build import device_source, kernel_source
 from lntune.select import STACK_LIMIT
-from schedules import cluster, cuda_source, database, spaces, tir_tree
+from schedules import backward, cluster, cuda_source, database, rules, spaces, tir_tree, variants
 from schedules.knobs import Fixed
 from schedules.targets import get_target
 from te_ops.layer_norm import Kernel
@@ -28,7 +28,7 @@ WARPS_EXCHANGE = cluster.exchange_warp_partials.__name__
 def _cluster_knobs(kernel: Kernel) -> dict:
     """One of the cluster variants select times: 1024 threads a half row, each thread's piece
     contiguous (interleaved, float32 caches go to local memory, as for whole rows)."""
-    knobs = spaces.variants(kernel, SM90, database.baseline_knobs(kernel, SM90))
+    knobs = variants.variants(kernel, SM90, database.baseline_knobs(kernel, SM90))
     return next(k for k in knobs if k["cluster"] and k["threads"] == 1024 and k["chunked"] and k == _plain(k))
 
 
@@ -47,12 +47,12 @@ def _kernel_body(source: str, name: str) -> str:
 
 
 def test_only_long_rows_on_sm90_split_over_a_cluster():
-    assert spaces.clusterable(Kernel("backward", 16384, "bfloat16", 132), SM90)
-    assert spaces.clusterable(Kernel("backward", 8192, "float32", 132), SM90)
-    assert not spaces.clusterable(Kernel("backward", 4096, "bfloat16", 132), SM90)
+    assert backward.clusterable(Kernel("backward", 16384, "bfloat16", 132), SM90)
+    assert backward.clusterable(Kernel("backward", 8192, "float32", 132), SM90)
+    assert not backward.clusterable(Kernel("backward", 4096, "bfloat16", 132), SM90)
     for name in ("cuda-sm80", "rocm-gfx942", "llvm"):
-        assert not spaces.clusterable(Kernel("backward", 16384, "bfloat16", 132), get_target(name))
-    assert spaces.default_knobs(Kernel("backward", 16384, "bfloat16", 132), SM90)["cluster"] == 0
+        assert not backward.clusterable(Kernel("backward", 16384, "bfloat16", 132), get_target(name))
+    assert rules.default_knobs(Kernel("backward", 16384, "bfloat16", 132), SM90)["cluster"] == 0
 
 
 def test_the_rank_sum_becomes_one_exchange_per_row():
@@ -173,12 +173,12 @@ def test_the_cluster_launch_comes_with_lntunes_hooks_and_needs_nothing_but_sched
     script = f"""
 import sys, tvm
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-from schedules import database, hooks, spaces
+from schedules import database, hooks, rules
 from schedules.targets import get_target
 from te_ops.layer_norm import Kernel
 target = get_target("cuda-sm90")
 kernel = Kernel("backward", 16384, "bfloat16", 132)
-knobs = {{**spaces.default_knobs(kernel, target), "cluster": 2, "threads": 1024, "explicit_unroll": 0}}
+knobs = {{**rules.default_knobs(kernel, target), "cluster": 2, "threads": 1024, "explicit_unroll": 0}}
 mod = tvm.IRModule({{kernel.name: database.scheduled(kernel, target, knobs)}})
 def marked():
     lib = tvm.compile(mod, target=tvm.target.Target(target.spec, host="llvm"))
@@ -198,10 +198,10 @@ def test_staged_halves_also_come_with_gamma_re_read_then_shared_last_in_the_grid
     re-read gamma, then those that keep it in shared memory, come after every other variant, so
     earlier labels keep their knobs."""
     kernel = Kernel("backward", 16384, "bfloat16", 66)
-    found = spaces.variants(kernel, SM90, database.baseline_knobs(kernel, SM90))
+    found = variants.variants(kernel, SM90, database.baseline_knobs(kernel, SM90))
     staged = [v for v in found if v["cluster"] and v["stage_rows"] and v["cache_gamma"] == 1]
     rereading = [v for v in found if v["cluster"] and v["stage_rows"] and not v["cache_gamma"]]
-    shared = [v for v in found if v["cache_gamma"] == spaces.GAMMA_SHARED]
+    shared = [v for v in found if v["cache_gamma"] == backward.GAMMA_SHARED]
     assert staged and len(rereading) == len(staged) == len(shared)
     assert all({**v, "cache_gamma": 0} in rereading and {**v, "cache_gamma": 2} in shared for v in staged)
     first = found.index(rereading[0])
@@ -215,7 +215,7 @@ def test_shared_gamma_is_widened_once_a_block_and_read_from_shared_memory():
     its own for it (each thread reads back only what it wrote)."""
     kernel = Kernel("backward", 16384, "bfloat16", 66)
     today = database.choose(kernel, SM90).knobs
-    reread, shared = ({**today, "stage_rows": 2, "cache_gamma": g} for g in (0, spaces.GAMMA_SHARED))
+    reread, shared = ({**today, "stage_rows": 2, "cache_gamma": g} for g in (0, backward.GAMMA_SHARED))
     for knobs in (reread, shared):
         assert database.exact_knobs(kernel, SM90, knobs) == knobs
     sources = [kernel_source(kernel, SM90, k) for k in (reread, shared)]

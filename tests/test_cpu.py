@@ -16,7 +16,7 @@ import tvm
 import lntune
 from lntune.build import export, kernel_library, kernels_for
 from lntune.files import LibraryError
-from schedules import cpu, database, host, spaces
+from schedules import cpu, database, host, rules, spaces
 from schedules.knobs import Sampled, decisions_of
 from schedules.targets import get_target
 from te_ops.layer_norm import Kernel
@@ -32,7 +32,7 @@ def test_llvm_target_is_this_host():
 
     assert LLVM.spec["mcpu"] == codegen.llvm_get_system_cpu()
     assert LLVM.spec["num-cores"] == LLVM.cores == host.host_threads() == len(os.sched_getaffinity(0))
-    assert spaces.parts_for(LLVM, 1024, "float32") == max(cpu.MIN_PARTS, cpu.PARTS_PER_THREAD * LLVM.cores)
+    assert rules.parts_for(LLVM, 1024, "float32") == max(cpu.MIN_PARTS, cpu.PARTS_PER_THREAD * LLVM.cores)
 
 
 @pytest.mark.parametrize("op", ["forward", "forward_stats", "backward", "backward_sum"])

@@ -33,7 +33,7 @@ from tvm.s_tir import meta_schedule as ms
 import lntune
 from lntune import files
 from lntune.build import export
-from schedules import database, spaces
+from schedules import database, rules, spaces
 from schedules.knobs import Fixed
 from schedules.targets import get_target
 from schedules.tune import exclusive, open_database
@@ -239,7 +239,7 @@ def _items():
     for kernel in KERNELS:
         mod = database.workload(kernel, LLVM)
         sch = tvm.s_tir.Schedule(mod["main"])
-        spaces.apply(sch, kernel, LLVM, Fixed(spaces.default_knobs(kernel, LLVM)))
+        spaces.apply(sch, kernel, LLVM, Fixed(rules.default_knobs(kernel, LLVM)))
         items.append((mod, sch.trace, ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
     return items
 

@@ -11,7 +11,7 @@ import pytest
 from lntune import toolchain
 from lntune.build import _check_request, export, kernel_source, kernels_for
 from lntune.runner import load, numpy_dtype
-from schedules import database, spaces
+from schedules import database, estimates
 from schedules.targets import get_target
 from te_ops import reference
 from te_ops.layer_norm import DTYPE_SPECS, Kernel, dtype_spec, parse_dtype_spec
@@ -134,7 +134,7 @@ def test_register_estimate_counts_float32_gamma():
     )
     knobs = {**database.baseline_knobs(plain, SM90), "cache_gamma": 1, "stage_rows": 0}
     per_thread = 4096 // knobs["threads"]
-    assert spaces.registers_needed(mixed, knobs) - spaces.registers_needed(plain, knobs) == per_thread // 2
+    assert estimates.registers_needed(mixed, knobs) - estimates.registers_needed(plain, knobs) == per_thread // 2
 
 
 def test_cuda_mixed_backward_caches_float32_gamma_4_lanes_at_a_time():

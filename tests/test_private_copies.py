@@ -10,7 +10,7 @@ import pytest
 import tvm
 
 from lntune.build import PASS_CONFIG, kernel_source
-from schedules import database, pipeline, private_copies, spaces
+from schedules import database, pipeline, private_copies, variants
 from schedules.targets import get_target
 from te_ops.layer_norm import Kernel
 
@@ -84,7 +84,7 @@ def test_every_prefetching_variant_has_a_private_twin_after_the_others():
     """The twins are appended (only staged cluster halves re-reading gamma come after them): the
     labels of the variants before them keep their knobs."""
     kernel = Kernel("backward", 8192, "bfloat16", 132)
-    found = spaces.variants(kernel, SM90, database.baseline_knobs(kernel, SM90))
+    found = variants.variants(kernel, SM90, database.baseline_knobs(kernel, SM90))
     rereading = [i for i, v in enumerate(found) if v["cluster"] and v["stage_rows"] and not v["cache_gamma"]]
     found = found[: rereading[0]]
     first_twin = next(i for i, v in enumerate(found) if v.get("private_copies"))

@@ -11,7 +11,7 @@ import tvm_ffi
 
 from lntune import select, timing
 from lntune.build import kernel_library, kernel_source, kernels_for
-from schedules import database, spaces
+from schedules import backward, database, estimates, layout, rules, spaces, variants
 from schedules.knobs import Fixed, Sampled, decisions_of
 from schedules.targets import TARGETS, get_target
 from te_ops.layer_norm import Kernel
@@ -67,7 +67,7 @@ def test_fixed_knobs_outside_candidates_fall_back():
     fixed = Fixed({"threads": 999, "rows_per_block": 2})
     spaces.apply(tvm.s_tir.Schedule(kernel.prim_func()), kernel, target, fixed)
     assert fixed.used["rows_per_block"] == 2
-    assert fixed.used["threads"] in spaces.thread_candidates(kernel, target)
+    assert fixed.used["threads"] in layout.thread_candidates(kernel, target)
 
 
 def _write_database(folder, kernel, target, traced, seconds=1e-4, extra_lines=()):
@@ -122,13 +122,13 @@ def _traced(kernel, target, knobs):
 
 def test_chooser_prefers_a_tuned_record_and_falls_back(tmp_path):
     target = get_target("cuda-sm90")
-    kernel = Kernel("backward", 4096, "float32", spaces.parts_for(target, 4096, "float32"))
+    kernel = Kernel("backward", 4096, "float32", rules.parts_for(target, 4096, "float32"))
     wanted = {**ONE_ROW_A_STEP, "cache_rows": 1, "cache_gamma": 0, "chunked": 1, "threads": 512, "unroll": 16}
     records = _records_of(tmp_path, kernel, target, wanted)
     choice = database.choose(kernel, target, records, selection={})
     assert choice.source.startswith("tuned:")
     assert choice.knobs == wanted
-    other = Kernel("backward", 2048, "float32", spaces.parts_for(target, 2048, "float32"))
+    other = Kernel("backward", 2048, "float32", rules.parts_for(target, 2048, "float32"))
     assert database.choose(other, target, records, selection={}).source == "baseline"
     verdict = {kernel.name: {"choice": "baseline", "us": {"baseline": 1.0, "tuned": 2.0}}}
     assert database.choose(kernel, target, records, selection=verdict).source.startswith("baseline (selected")
@@ -137,7 +137,7 @@ def test_chooser_prefers_a_tuned_record_and_falls_back(tmp_path):
 def test_a_kernel_at_another_p_takes_the_record_tuned_at_the_rules_p(tmp_path):
     """P only sizes the row chunks: a P chosen by select --parts keeps the knobs tuned at the rule's P."""
     target = get_target("cuda-sm90")
-    rule = spaces.parts_for(target, 4096, "float32")
+    rule = rules.parts_for(target, 4096, "float32")
     kernel = Kernel("backward", 4096, "float32", rule)
     wanted = {**ONE_ROW_A_STEP, "cache_rows": 1, "cache_gamma": 0, "chunked": 1, "threads": 512, "unroll": 16}
     records = _records_of(tmp_path, kernel, target, wanted)
@@ -151,7 +151,7 @@ def test_a_kernel_at_another_p_takes_the_record_tuned_at_the_rules_p(tmp_path):
 def test_tuned_record_keeps_rows_per_step_and_unrolling(tmp_path, rows_per_step, explicit_unroll):
     """MetaSchedule drops the one-candidate structure samples; the annotations must still say them."""
     target = get_target("cuda-sm90")
-    kernel = Kernel("backward", 2048, "bfloat16", spaces.parts_for(target, 2048, "bfloat16"))
+    kernel = Kernel("backward", 2048, "bfloat16", rules.parts_for(target, 2048, "bfloat16"))
     layout = {"rows_per_step": rows_per_step, "explicit_unroll": explicit_unroll}
     wanted = {"cache_rows": 1, "cache_gamma": 1, "chunked": 1, **layout, "shared_acc": 0, "threads_per_sm": 0}
     wanted.update(stage_rows=0, prefetch=0, private_copies=0, row_scalars=0, cluster=0)
@@ -161,8 +161,8 @@ def test_tuned_record_keeps_rows_per_step_and_unrolling(tmp_path, rows_per_step,
 
 def test_chooser_takes_a_selected_variant_and_checks_it():
     target = get_target("cuda-sm90")
-    kernel = Kernel("backward", 768, "float32", spaces.parts_for(target, 768, "float32"))
-    variant = spaces.variants(kernel, target, database.baseline_knobs(kernel, target))[-1]
+    kernel = Kernel("backward", 768, "float32", rules.parts_for(target, 768, "float32"))
+    variant = variants.variants(kernel, target, database.baseline_knobs(kernel, target))[-1]
     verdict = {"choice": "variant", "label": "variant9", "knobs": variant, "us": {"variant9": 1.0}}
     choice = database.choose(kernel, target, {}, selection={kernel.name: verdict})
     assert choice.knobs == variant and choice.source.startswith("selected:variant9")
@@ -174,17 +174,17 @@ def test_chooser_takes_a_selected_variant_and_checks_it():
 def test_backward_variants_build_for_cuda():
     """Every structural variant that select may time passes TVM's GPU checks and generates code."""
     target = get_target("cuda-sm90")
-    kernel = Kernel("backward", 1024, "float32", spaces.parts_for(target, 1024, "float32"))
-    variants = spaces.variants(kernel, target, database.baseline_knobs(kernel, target))
-    assert {(v["rows_per_step"], v["explicit_unroll"]) for v in variants} == {(1, 1), (1, 0), (2, 0)}
-    for knobs in variants:
+    kernel = Kernel("backward", 1024, "float32", rules.parts_for(target, 1024, "float32"))
+    found = variants.variants(kernel, target, database.baseline_knobs(kernel, target))
+    assert {(v["rows_per_step"], v["explicit_unroll"]) for v in found} == {(1, 1), (1, 0), (2, 0)}
+    for knobs in found:
         source = _cuda_source(kernel, knobs)
         assert ("#pragma unroll" in source) == (not knobs["explicit_unroll"])
 
 
 def test_float16_takes_bfloat16_records_as_a_transfer(tmp_path):
     target = get_target("cuda-sm90")
-    parts = spaces.parts_for(target, 1024, "bfloat16")
+    parts = rules.parts_for(target, 1024, "bfloat16")
     bf16 = Kernel("backward", 1024, "bfloat16", parts)
     wanted = {**ONE_ROW_A_STEP, "cache_rows": 1, "cache_gamma": 1, "chunked": 0, "threads": 64, "unroll": 512}
     records = _records_of(tmp_path, bf16, target, wanted)
@@ -289,10 +289,10 @@ def test_occupancy_variants_fit_the_register_file():
     """select's threads_per_sm variants only ask for what registers_needed says fits 64K registers."""
     target = get_target("cuda-sm90")
     kernel = Kernel("backward", 4096, "bfloat16", 528)
-    found = spaces.variants(kernel, target, database.baseline_knobs(kernel, target))
+    found = variants.variants(kernel, target, database.baseline_knobs(kernel, target))
     occupied = [v for v in found if v["threads_per_sm"]]
     assert occupied and all(v["threads"] <= v["threads_per_sm"] for v in occupied)
-    assert all(spaces.registers_needed(kernel, v) * v["threads_per_sm"] <= 65536 for v in occupied)
+    assert all(estimates.registers_needed(kernel, v) * v["threads_per_sm"] <= 65536 for v in occupied)
     assert {v["threads"] for v in occupied} == {512}  # 256 threads keep 16 columns each: ~100 registers
 
 
@@ -360,12 +360,12 @@ def test_prefetch_variants_fit_shared_memory():
     target = get_target("cuda-sm90")
     for n, dtype in ((4096, "bfloat16"), (8192, "float32"), (16384, "float16")):
         kernel = Kernel("backward", n, dtype, 132)
-        ahead = [v for v in spaces.variants(kernel, target, database.baseline_knobs(kernel, target)) if v["prefetch"]]
+        ahead = [v for v in variants.variants(kernel, target, database.baseline_knobs(kernel, target)) if v["prefetch"]]
         assert ahead and {v["prefetch"] for v in ahead} <= {1, 2}
-        assert all(spaces.shared_bytes_needed(kernel, v) <= 227 * 1024 and not v["shared_acc"] for v in ahead)
+        assert all(estimates.shared_bytes_needed(kernel, v) <= 227 * 1024 and not v["shared_acc"] for v in ahead)
     kernel = Kernel("backward", 16384, "float32", 132)
     whole_rows = [
-        v for v in spaces.variants(kernel, target, database.baseline_knobs(kernel, target)) if not v["cluster"]
+        v for v in variants.variants(kernel, target, database.baseline_knobs(kernel, target)) if not v["cluster"]
     ]
     assert not any(v["prefetch"] for v in whole_rows)
 
@@ -374,7 +374,7 @@ def test_variants_add_row_scalars_and_prefetched_staged_rows():
     """Per-row scalars on the unstaged variants; staged rows prefetched with and without them."""
     target = get_target("cuda-sm90")
     kernel = Kernel("backward", 8192, "bfloat16", 132)
-    found = spaces.variants(kernel, target, database.baseline_knobs(kernel, target))
+    found = variants.variants(kernel, target, database.baseline_knobs(kernel, target))
     unstaged = [v for v in found if not v["stage_rows"] and not v["row_scalars"]]
     assert all({**v, "row_scalars": 1} in found for v in unstaged)
     staged_ahead = [v for v in found if v["stage_rows"] and v["prefetch"]]
@@ -432,7 +432,7 @@ def test_shared_accumulators_use_dynamic_shared_memory(rows_per_step):
     """shared_acc=1 puts dgamma/dbeta (2 x 16384 fp32 = 128 KB, past the 48 KB static limit) in
     dynamic shared memory, leaving registers for the rows."""
     target = get_target("cuda-sm90")
-    kernel = Kernel("backward", 16384, "bfloat16", spaces.parts_for(target, 16384, "bfloat16"))
+    kernel = Kernel("backward", 16384, "bfloat16", rules.parts_for(target, 16384, "bfloat16"))
     base = database.baseline_knobs(kernel, target)
     registers = _cuda_source(kernel, {**base, "rows_per_step": rows_per_step, "explicit_unroll": 0})
     shared = _cuda_source(kernel, {**base, "rows_per_step": rows_per_step, "explicit_unroll": 0, "shared_acc": 1})
@@ -442,14 +442,14 @@ def test_shared_accumulators_use_dynamic_shared_memory(rows_per_step):
 def test_rocm_takes_cuda_selected_knobs_but_not_the_nvcc_ones(tmp_path, monkeypatch):
     """Rows per step, who unrolls and shared accumulators were measured with nvcc: not carried over."""
     cuda, rocm = get_target("cuda-sm90"), get_target("rocm-gfx942")
-    parts = spaces.parts_for(cuda, 768, "bfloat16")
+    parts = rules.parts_for(cuda, 768, "bfloat16")
     variant = {"cache_rows": 1, "cache_gamma": 0, "chunked": 1, "rows_per_step": 2, "explicit_unroll": 0}
     variant = {**variant, "shared_acc": 0, "threads": 96, "unroll": 16}
     selection = {Kernel("backward", 768, "bfloat16", parts).name: {"choice": "variant", "knobs": variant}}
     (tmp_path / cuda.name).mkdir()
     (tmp_path / cuda.name / "selection.json").write_text(json.dumps(selection))
     monkeypatch.setattr(database, "TUNING_LOGS", tmp_path)
-    kernel = Kernel("backward", 768, "bfloat16", spaces.parts_for(rocm, 768, "bfloat16"))
+    kernel = Kernel("backward", 768, "bfloat16", rules.parts_for(rocm, 768, "bfloat16"))
     choice = database.choose(kernel, rocm, records={}, selection={})
     assert choice.source.startswith("transfer:cuda-sm90:untimed:selected")
     assert choice.knobs["threads"] == 96 and choice.knobs["unroll"] == 16
@@ -464,9 +464,9 @@ def test_single_row_chunks_split_the_rows_evenly_and_keep_one_row_a_step():
     rows, hidden, parts = 41, 64, 4
     even, single = Kernel("backward", hidden, "float32", parts), Kernel("backward", hidden, "float32", parts, 1)
     assert single.name == even.name + "g1" and single.tensors()[6].shape[0] == parts
-    assert spaces.steps_for(single) == (1,) and spaces.steps_for(even) == (1, 2)
+    assert backward.steps_for(single) == (1,) and backward.steps_for(even) == (1, 2)
     sm90 = get_target("cuda-sm90")
-    found = spaces.variants(single, sm90, database.baseline_knobs(single, sm90))
+    found = variants.variants(single, sm90, database.baseline_knobs(single, sm90))
     assert found and all(v["rows_per_step"] == 1 for v in found)
     with pytest.raises(ValueError, match="granule"):
         Kernel("backward_sum", hidden, "float32", parts, 1)
@@ -484,3 +484,19 @@ def test_single_row_chunks_split_the_rows_evenly_and_keep_one_row_a_step():
             want_g, want_b = (dy[chunk_rows] * xhat[chunk_rows]).sum(0), dy[chunk_rows].sum(0)
             assert np.allclose(dgamma_part[p], want_g, rtol=1e-5, atol=1e-4), (chunk, p)
             assert np.allclose(dbeta_part[p], want_b, rtol=1e-5, atol=1e-4), (chunk, p)
+
+
+def test_knob_sets_hold_every_baseline_and_variant():
+    """The typed knob sets (schedules.knob_sets) name exactly the knobs each GPU family picks: every
+    baseline and every variant select times converts to one and back unchanged."""
+    from schedules.knob_sets import GPU_KNOB_SETS, BackwardKnobs
+
+    for name in ("cuda-sm90", "rocm-gfx942"):
+        target = get_target(name)
+        for kernel in kernels_for(8192, "bfloat16", target, parts=132, granule=2):
+            family = GPU_KNOB_SETS[kernel.op]
+            base = database.baseline_knobs(kernel, target)
+            for knobs in [base, *variants.variants(kernel, target, base)]:
+                assert family.from_dict(knobs).to_dict() == knobs
+    with pytest.raises(ValueError, match="BackwardKnobs takes"):
+        BackwardKnobs.from_dict({"threads": 128})

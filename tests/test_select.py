@@ -12,7 +12,7 @@ from lntune import load
 from lntune import select as sel
 from lntune.build import export, kernels_for
 from lntune.check import check_variant
-from schedules import database, spaces
+from schedules import database, rules
 from schedules.targets import get_target
 from te_ops.layer_norm import Kernel
 
@@ -23,7 +23,7 @@ def _cpu_backward(hidden: int = 64, dtype: str = "float32") -> Kernel:
 
 def test_cuda_backward_candidates_are_unique_and_start_with_the_baseline():
     target = get_target("cuda-sm90")
-    kernel = Kernel("backward", 8192, "bfloat16", spaces.parts_for(target, 8192, "bfloat16"))
+    kernel = Kernel("backward", 8192, "bfloat16", rules.parts_for(target, 8192, "bfloat16"))
     labelled, _source = sel.candidates(kernel, target, records={})
     assert next(iter(labelled)) == "baseline"
     knobs = list(labelled.values())
@@ -33,7 +33,7 @@ def test_cuda_backward_candidates_are_unique_and_start_with_the_baseline():
 
 def test_partials_sum_candidates_are_every_split_that_fits_a_block():
     target = get_target("cuda-sm90")
-    kernel = Kernel("backward_sum", 16384, "float32", spaces.parts_for(target, 16384, "float32"))
+    kernel = Kernel("backward_sum", 16384, "float32", rules.parts_for(target, 16384, "float32"))
     labelled, _source = sel.candidates(kernel, target, records={})
     splits = {(k["threads"], k["lanes"]) for k in labelled.values()}
     assert len(splits) == len(labelled) == 33 and all(c * lanes <= 1024 for c, lanes in splits)
@@ -233,7 +233,7 @@ def test_select_parts_keeps_the_fastest_p_and_export_builds_at_it(tmp_path, monk
     and granule, with correct results where chunks end mid-matrix."""
     (tmp_path / "llvm").mkdir()
     monkeypatch.setattr(database, "TUNING_LOGS", tmp_path)
-    monkeypatch.setattr(spaces, "parts_candidates", lambda target, blocks=1: [16, 6])
+    monkeypatch.setattr(rules, "parts_candidates", lambda target, blocks=1: [16, 6])
     sel.select_parts("llvm", [64], ["float32"], elements=64 * 40, log=lambda *_: None)
     selection = json.loads((tmp_path / "llvm" / "selection.json").read_text())
     entry = selection[database.parts_key(64, "float32")]
@@ -387,5 +387,5 @@ def test_parallel_select_merges_each_jobs_changes_and_reports_a_clash(tmp_path):
 def test_p_of_a_cluster_kernel_counts_in_its_blocks():
     """A chunk of a cluster kernel is two blocks: its P candidates start at one block an SM."""
     target = get_target("cuda-sm90")
-    single, paired = spaces.parts_candidates(target), spaces.parts_candidates(target, 2)
+    single, paired = rules.parts_candidates(target), rules.parts_candidates(target, 2)
     assert paired == [p // 2 for p in single] and paired[0] == target.cores // 2

@@ -7,7 +7,7 @@ import warnings
 import pytest
 
 from lntune.build import export, kernels_for
-from schedules import database, spaces, untuned
+from schedules import database, rules, untuned
 from schedules.targets import get_target
 from te_ops.layer_norm import Kernel
 
@@ -43,7 +43,7 @@ def test_an_untuned_n_takes_the_nearest_tuned_ns_scaled_knobs(committed, hidden,
     split = choice.knobs["cluster"] or 1
     assert split == (tuned.knobs["cluster"] or 1)
     assert hidden // split // choice.knobs["threads"] == source // split // tuned.knobs["threads"]
-    assert parts in spaces.parts_candidates(SM90, split)
+    assert parts in rules.parts_candidates(SM90, split)
 
 
 def test_the_rule_is_deterministic(committed):
@@ -73,7 +73,7 @@ def test_the_rule_is_cuda_only(committed):
     records, selection = committed
     for name in ("llvm", "rocm-gfx942"):
         target = get_target(name)
-        kernel = Kernel("backward", 3072, "float16", spaces.parts_for(target, 3072, "float16"))
+        kernel = Kernel("backward", 3072, "float16", rules.parts_for(target, 3072, "float16"))
         assert database.choose(kernel, target, records, selection).source == "baseline"
     assert database.selected_chunking(get_target("llvm"), 3072, "float16", selection) == (16, 2)
 
@@ -107,7 +107,7 @@ def test_no_valid_transfer_falls_back_to_the_baseline_and_says_so(committed, tmp
     only = _only_n8192(selection)
     assert untuned.tuned_hiddens(SM90, "bfloat16", only) == [8192]
     assert database.rule_source(SM90, 16384, "bfloat16", only, records) is None
-    assert database.selected_chunking(SM90, 16384, "bfloat16", only) == (spaces.parts_for(SM90, 16384, "bfloat16"), 2)
+    assert database.selected_chunking(SM90, 16384, "bfloat16", only) == (rules.parts_for(SM90, 16384, "bfloat16"), 2)
     folder = tmp_path / "logs" / SM90.name
     folder.mkdir(parents=True)
     (folder / "selection.json").write_text(json.dumps(only))
