@@ -134,6 +134,11 @@ def _workload_arguments(entry) -> str | None:
         return None
     try:
         mod = ms.database.Workload.from_json(entry).mod
+        # The line's hash is the structural hash of its module as written. A byte flipped in the
+        # module can still decode to a valid module of another kernel, with the same arguments, and
+        # its records would be that kernel's: the hash no longer matches, so the line is refused.
+        if entry[0] != str(tvm_ffi.structural_hash(mod) % (1 << 64)):
+            return None
         return _canonical([arg.as_json() for arg in ms.arg_info.ArgInfo.from_entry_func(mod)])
     except Exception:  # noqa: BLE001 (TVM raises several kinds for a damaged module)
         return None
