@@ -189,9 +189,7 @@ class TorchLaunch:
         """t as the [M, N] the kernels take, contiguous and aligned (a view where it can be)."""
         if t.dim() != 2:
             t = t.reshape(self.rows, self.hidden)
-        if t.is_contiguous() and t.data_ptr() % self.alignment == 0:
-            return t
-        return t.clone(memory_format=_torch().contiguous_format)
+        return _ready(t, self.alignment)
 
     def forward_stats(self, x, eps: float):
         """mean and rstd of each row of x."""
